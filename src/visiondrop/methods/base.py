@@ -1,0 +1,179 @@
+"""The interface every pruning method shares: a dataclass with a ``budget``, a schedule, and two selection hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..ops import Selection
+from ..schedule import Schedule, Stage
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.base import LLMTokens, ModelAdapter, VisionTokens
+    from ..runtime import Run
+
+__all__ = ["MethodInfo", "PruningMethod", "available_methods", "build", "method_class", "register"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the ``methods`` listing says about a method.
+
+    Attributes
+    ----------
+    stages : str
+        Where it prunes: ``"vision"`` (before the LLM), ``"LLM"`` or ``"vision+LLM"``.
+    signal : str
+        ``"visual-only"``, ``"text-guided"`` or ``"none"``.
+    merges : bool
+        Whether pruned tokens are merged into kept ones rather than dropped.
+    paper : str
+        Citation.
+    """
+
+    stages: str
+    signal: str
+    merges: bool
+    paper: str
+
+
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make ``cls`` buildable by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type[PruningMethod]:
+    """The class registered as ``name``; ValueError listing the names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a str, got {type(name).__name__} {name!r}")
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def build(name: str, **kwargs: Any) -> PruningMethod:
+    """Build a method by registry name, e.g. ``build("visiondrop", budget=64)``.
+
+    Each call returns a new instance (the registry holds classes, never shared instances).
+    """
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(
+            f"{cls.name} has no field(s) {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}"
+        )
+    return cls(**kwargs)
+
+
+@dataclass
+class PruningMethod:
+    """Base class of every method.
+
+    Attributes
+    ----------
+    budget : int or float
+        An int: visual tokens per image; a float in (0, 1]: that fraction of each image's visual tokens.
+    budget_mode : str
+        ``"average"``: the budget is the layer-average visual token count (the convention in-LLM papers quote);
+        ``"input"``: the budget is the count entering the LLM (like-for-like with pre-LLM methods).
+    """
+
+    budget: int | float = 64
+    budget_mode: str = "average"
+
+    #: Registry name.
+    name: ClassVar[str] = ""
+    info: ClassVar[MethodInfo]
+    #: ``compact`` renumbers positions after each stage; ``preserve`` keeps the original ones.
+    positions: str = dataclasses.field(default="compact", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"budget must be an int (tokens) or a float in (0, 1] (fraction), got {budget!r}")
+        if isinstance(budget, int) and budget <= 0:
+            raise ValueError(f"budget must be > 0 visual tokens per image, got {budget}")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"a float budget is a fraction of each image's tokens in (0, 1], got {budget}; "
+                "pass an int for a token count"
+            )
+        if self.budget_mode not in ("average", "input"):
+            raise ValueError(f"budget_mode must be 'average' or 'input', got {self.budget_mode!r}")
+
+    # --- budgets and schedules ------------------------------------------------------------------------------
+    def budget_tokens(self, image_tokens: int) -> float:
+        """The budget in tokens for an image of ``image_tokens`` tokens (a fraction is scaled)."""
+        if isinstance(self.budget, float):
+            return self.budget * image_tokens
+        return float(self.budget)
+
+    def check_image_tokens(self, image_tokens: int) -> None:
+        """ValueError when the budget cannot apply to an image of this size."""
+        if isinstance(self.budget, int) and self.budget > image_tokens:
+            raise ValueError(
+                f"budget={self.budget} is more than the {image_tokens} visual tokens the image has"
+            )
+
+    def schedule(self, image_tokens: int, num_layers: int) -> Schedule:
+        """Per-stage token counts for an image of ``image_tokens`` tokens in an LLM of ``num_layers`` layers."""
+        raise NotImplementedError
+
+    def first_boundary(self, num_layers: int) -> int | None:
+        """The earliest in-LLM boundary this method may use (None: it never prunes inside the LLM)."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """The method's fields, for reports and result files."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    # --- selection hooks ------------------------------------------------------------------------------------
+    def select_vision(self, tokens: VisionTokens, stage: Stage) -> Selection:
+        """Which vision-stage tokens survive: ``stage.dominant`` kept + ``stage.contextual`` merged."""
+        raise NotImplementedError(f"{self.name} does not prune at the vision stage")
+
+    def select_llm(self, tokens: LLMTokens, stage: Stage) -> Selection:
+        """Which image tokens survive an in-LLM boundary."""
+        raise NotImplementedError(f"{self.name} does not prune inside the LLM")
+
+    # --- use ------------------------------------------------------------------------------------------------
+    def check_model(self, adapter: ModelAdapter) -> None:
+        """Errors that need the model but no input: budget vs. the family's token count, schedule vs. layers."""
+        num_layers = adapter.text.num_layers
+        tokens = adapter.default_image_tokens()
+        if tokens is not None:
+            self.check_image_tokens(tokens)
+            self.schedule(tokens, num_layers)
+        if self.positions == "compact" and not adapter.supports_compact_positions:
+            raise ValueError(
+                f"positions='compact' has no meaning for {adapter.family} (3-D M-RoPE positions); "
+                "use positions='preserve'"
+            )
+
+    def apply(self, model: torch.nn.Module) -> AbstractContextManager[Run]:
+        """Prune ``model`` inside a ``with`` block; it is exactly as before once the block exits.
+
+        Example
+        -------
+        >>> with method.apply(model) as run:                   # doctest: +SKIP
+        ...     out = model.generate(**inputs, max_new_tokens=32)
+        >>> print(run.report)                                   # doctest: +SKIP
+        """
+        from ..runtime import attach
+
+        return attach(self, model)

@@ -1,0 +1,169 @@
+"""VisionDrop (Xu, Wang, Luo, Du; AAAI 2026): visual-only scoring, progressive dominant + contextual pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..models.base import LLMTokens, VisionTokens
+from ..schedule import (
+    Schedule,
+    Stage,
+    default_boundaries,
+    derive_visiondrop_schedule,
+    schedule_from_stages,
+    validate_stages,
+)
+from .base import MethodInfo, PruningMethod, register
+
+__all__ = ["VisionDrop"]
+
+_SCORES = ("cls", "visual")
+_MERGES = ("reference", "mean")
+_POSITIONS = ("compact", "preserve")
+
+
+@register
+@dataclass
+class VisionDrop(PruningMethod):
+    """VisionDrop: rank visual tokens by visual-only attention at the vision encoder and again inside the LLM;
+    keep the dominant ones and merge the rest into a few contextual tokens (SPEC §3–7).
+
+    Parameters
+    ----------
+    budget : int or float
+        Visual tokens per image (int) or a fraction of them (float in (0, 1]).
+    budget_mode : str
+        ``"average"`` (layer-average, the paper's convention) or ``"input"`` (tokens entering the LLM).
+    stages : sequence, optional
+        An explicit schedule: ``[(d0, c0), (layer, d, c), ...]`` — the vision stage's dominant/contextual counts,
+        then one ``(layer, dominant, contextual)`` per boundary after LLM layer ``layer``. ``None`` derives it from
+        the budget (:func:`~visiondrop.schedule.derive_visiondrop_schedule`); the authors' published budget-32
+        schedule is :data:`~visiondrop.schedule.PUBLISHED_SCHEDULE` and also what the rule gives for 32 layers.
+    boundaries : sequence of int, optional
+        Layers after which derived schedules prune (default L/4, L/2, 3L/4). Empty: vision stage only.
+    score : str
+        Vision-stage score: ``"cls"`` ([CLS] attention to the patches; the release) or ``"visual"`` (mean attention
+        every patch receives from all patches; the paper's wording, the only choice without a [CLS]).
+    keep_cls : bool
+        Pass [CLS] on to the LLM as one of the dominant tokens (the release). Plain LLaVA drops [CLS].
+    merge : str
+        Contextual token = ``"reference"``: anchor + mean(members) (the release) or ``"mean"``: mean over anchor and
+        members.
+    positions : str
+        ``"compact"``: renumber positions after each stage (the release); ``"preserve"``: kept tokens keep their
+        original positions, a merged token its anchor's.
+    debias : bool
+        Beyond the paper: average each in-LLM score column over only the image queries that can see it under the
+        causal mask, removing the bias toward early image tokens (SPEC §4.2).
+    """
+
+    budget: int | float = 64
+    budget_mode: str = "average"
+    stages: Sequence[Any] | None = None
+    boundaries: Sequence[int] | None = None
+    score: str = "cls"
+    keep_cls: bool = True
+    merge: str = "reference"
+    positions: str = "compact"
+    debias: bool = False
+
+    name = "visiondrop"
+    info = MethodInfo(
+        stages="vision+LLM",
+        signal="visual-only",
+        merges=True,
+        paper="Xu et al., Rethinking Visual Token Reduction in LVLMs under Cross-Modal Misalignment, AAAI 2026",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("score", self.score, _SCORES)
+        _choice("merge", self.merge, _MERGES)
+        _choice("positions", self.positions, _POSITIONS)
+        if not isinstance(self.keep_cls, bool):
+            raise TypeError(f"keep_cls must be a bool, got {self.keep_cls!r}")
+        if not isinstance(self.debias, bool):
+            raise TypeError(f"debias must be a bool, got {self.debias!r}")
+        if self.stages is not None:
+            self.stages = tuple(tuple(s) if not isinstance(s, Stage) else s for s in self.stages)
+            validate_stages(self.stages)
+        if self.boundaries is not None:
+            marks = tuple(self.boundaries)
+            if any(isinstance(b, bool) or not isinstance(b, int) for b in marks):
+                raise TypeError(f"boundaries must be ints, got {self.boundaries!r}")
+            if any(b < 1 for b in marks) or list(marks) != sorted(set(marks)):
+                raise ValueError(f"boundaries must be increasing layers >= 1, got {self.boundaries!r}")
+            self.boundaries = marks
+
+    @classmethod
+    def reference(cls, budget: int | float = 64, **overrides: Any) -> VisionDrop:
+        """The preset that reproduces the authors' release (SPEC §6): [CLS] scoring, [CLS] kept, strided anchors,
+        anchor + mean(members), next-layer full-sequence scoring, compact positions."""
+        settings = dict(score="cls", keep_cls=True, merge="reference", positions="compact", debias=False)
+        settings.update(overrides)
+        return cls(budget=budget, **settings)
+
+    # --- schedule -------------------------------------------------------------------------------------------
+    def schedule(self, image_tokens: int, num_layers: int) -> Schedule:
+        if self.stages is not None:
+            return schedule_from_stages(self.stages, image_tokens, num_layers)
+        self.check_image_tokens(image_tokens)
+        if self.boundaries is not None and any(b >= num_layers for b in self.boundaries):
+            raise ValueError(
+                f"boundaries={list(self.boundaries)}: a boundary after layer {max(self.boundaries)} leaves no layer "
+                f"to run in a {num_layers}-layer LLM"
+            )
+        return derive_visiondrop_schedule(
+            self.budget_tokens(image_tokens),
+            image_tokens,
+            num_layers,
+            mode=self.budget_mode,
+            boundaries=self.boundaries,
+        )
+
+    def first_boundary(self, num_layers: int) -> int | None:
+        if self.stages is not None:
+            layers = [s.layer if isinstance(s, Stage) else s[0] for s in self.stages[1:]]
+        elif self.boundaries is not None:
+            layers = list(self.boundaries)
+        else:
+            layers = default_boundaries(num_layers)
+        return min(layers) if layers else None
+
+    # --- selection ------------------------------------------------------------------------------------------
+    def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
+        if self.score == "cls":
+            if not tokens.has_cls:
+                raise ValueError("score='cls' needs a vision encoder with a [CLS] token; use score='visual'")
+            scores = tokens.cls_attention()
+        else:
+            scores = tokens.visual_attention()
+        forced = None
+        if self.keep_cls and tokens.has_cls:
+            forced = torch.zeros(1, dtype=torch.long, device=scores.device)
+        return ops.contextual_selection(
+            scores,
+            tokens.keys(),
+            stage.dominant,
+            stage.contextual,
+            candidates=tokens.patch_mask,
+            forced=forced,
+            merge=self.merge,
+            space="vision",
+        )
+
+    def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
+        scores = tokens.visual_attention(debias=self.debias)
+        return ops.contextual_selection(
+            scores, tokens.keys(), stage.dominant, stage.contextual, merge=self.merge
+        )
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

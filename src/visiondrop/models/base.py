@@ -1,0 +1,351 @@
+"""What an adapter hands to pruning methods, and the parts shared by every model family.
+
+Methods never touch model internals. At the vision stage they receive :class:`VisionTokens`, inside the LLM
+:class:`LLMTokens`; both compute attention scores lazily (only what a method asks for is computed, once) from the
+relevant layer's own query/key projections, never from ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import ops
+
+__all__ = ["ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens"]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Static facts about one image's visual tokens.
+
+    Attributes
+    ----------
+    tokens : int
+        Placeholder tokens the unpruned model gives this image in the LLM.
+    grid : tuple of int
+        ``(rows, cols)`` of the patch grid that the report's kept positions index into (``rows * cols`` patches).
+    """
+
+    tokens: int
+    grid: tuple[int, int]
+
+
+class VisionTokens:
+    """The visual tokens of a group of ``I`` images at the vision stage, before the projector.
+
+    Token index ``t`` of :attr:`hidden` is patch ``patch_index[t]`` of the image's grid (``-1`` for [CLS]).
+
+    Attributes
+    ----------
+    hidden : Tensor, shape (I, n, Dv)
+        Output of the layer the LVLM takes its features from (what the projector would receive, [CLS] included).
+    has_cls : bool
+        Whether token 0 is [CLS].
+    grid : tuple of int
+        ``(rows, cols)`` patch grid.
+    """
+
+    def __init__(self, hidden: torch.Tensor, *, has_cls: bool, grid: tuple[int, int]) -> None:
+        self.hidden = hidden
+        self.has_cls = has_cls
+        self.grid = grid
+
+    @property
+    def num_images(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    @cached_property
+    def patch_index(self) -> torch.Tensor:
+        """LongTensor (n,): the grid patch of every token, ``-1`` for [CLS]."""
+        offset = 1 if self.has_cls else 0
+        return torch.arange(self.num_tokens, device=self.hidden.device) - offset
+
+    @cached_property
+    def patch_mask(self) -> torch.Tensor:
+        """BoolTensor (n,): True for patch tokens (False for [CLS])."""
+        return self.patch_index >= 0
+
+    # The three signals below are what methods may ask for; subclasses compute them from the scoring layer.
+    def cls_attention(self) -> torch.Tensor:
+        """(I, n) fp32: attention of the [CLS] query to each token (0 for [CLS] itself)."""
+        raise NotImplementedError(f"{type(self).__name__} has no [CLS] token to score with")
+
+    def visual_attention(self) -> torch.Tensor:
+        """(I, n) fp32: mean attention each token receives from the image's patch queries (0 for [CLS])."""
+        raise NotImplementedError
+
+    def keys(self) -> torch.Tensor:
+        """(I, n, d) the scoring layer's keys averaged over heads: the similarity metric for merging."""
+        raise NotImplementedError
+
+    def projected(self) -> torch.Tensor:
+        """(I, n, D) the tokens after the multimodal projector (DivPrune compares these)."""
+        raise NotImplementedError
+
+
+class TextStack:
+    """A decoder-only text model as the in-LLM stages see it (Llama, Mistral, Qwen2, Qwen2-VL's text model).
+
+    It needs each decoder layer to be called with ``hidden_states`` first and ``attention_mask``,
+    ``position_embeddings`` (cos, sin) and ``position_ids`` as keywords, and each attention module to expose
+    ``q_proj``/``k_proj``/``head_dim`` — the transformers 5.x layout of these families.
+    """
+
+    def __init__(self, text_model: nn.Module) -> None:
+        self.model = text_model
+        self.config = text_model.config
+        self.layers: nn.ModuleList = text_model.layers
+        self.rotary_emb: nn.Module = text_model.rotary_emb
+        self.num_layers = len(self.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim: int = attn.head_dim
+        self.num_heads: int = self.config.num_attention_heads
+        self.num_kv_heads: int = self.config.num_key_value_heads
+        self.layer_types: list[str] | None = getattr(self.config, "layer_types", None)
+        params = inspect.signature(type(self.layers[0]).forward).parameters
+        if "position_embeddings" not in params:
+            raise TypeError(
+                f"{type(self.layers[0]).__name__} does not take position_embeddings; visiondrop supports "
+                "transformers 5.x decoder layers that do"
+            )
+
+    def layer_type(self, layer_idx: int) -> str:
+        if self.layer_types is None:
+            return "full_attention"
+        return self.layer_types[layer_idx]
+
+    def query_key(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        queries: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Layer ``layer_idx``'s post-RoPE queries and keys of ``hidden`` (its input norm, then q/k projections).
+
+        Parameters
+        ----------
+        hidden : Tensor, shape (B, T, D)
+        cos, sin : Tensor, shape (B, T, d)
+
+        Returns
+        -------
+        q : Tensor, shape (B, H, T, d), or None when ``queries`` is False
+        k : Tensor, shape (B, Hkv, T, d)
+        """
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        shape = (*hidden.shape[:-1], -1, self.head_dim)
+        k = attn.k_proj(normed).view(shape)
+        if hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
+            k = attn.k_norm(k)
+        k = ops.apply_rope(k.transpose(1, 2), cos, sin)
+        if not queries:
+            return None, k
+        q = attn.q_proj(normed).view(shape)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = ops.apply_rope(q.transpose(1, 2), cos, sin)
+        return q, k
+
+    def expand_kv(self, k: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, T, d) -> (B, H, T, d): query head ``h`` uses KV head ``h // (H / Hkv)`` (GQA)."""
+        groups = self.num_heads // self.num_kv_heads
+        return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+class LLMTokens:
+    """The visual tokens of a group of ``I`` images at an in-LLM boundary, with lazily computed scores.
+
+    Scores use the *next* layer (the first one that will see the pruned sequence): its input norm, q/k projections and
+    RoPE at the current positions (SPEC §4.1). Only image-token queries are projected; keys are projected for the
+    sequence up to the end of each image, which is all a causal image query can see.
+
+    Attributes
+    ----------
+    hidden : Tensor, shape (I, n, D)
+        Residual stream of the image tokens after the previous layer.
+    layer_idx : int
+        Index of the next layer (the boundary is "after layer ``layer_idx``").
+    """
+
+    def __init__(
+        self,
+        stack: TextStack,
+        layer_idx: int,
+        seq_hidden: torch.Tensor,
+        key_valid: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor,
+        n: int,
+        last_query: torch.Tensor,
+    ) -> None:
+        """
+        Parameters
+        ----------
+        seq_hidden : Tensor, shape (I, T, D)
+            The whole row of each image, truncated at the group's last image end.
+        key_valid : BoolTensor, shape (I, T)
+        cos, sin : Tensor, shape (I, T, d)
+        starts : LongTensor, shape (I,)
+            Column where each image's tokens start.
+        n : int
+            Tokens per image.
+        last_query : LongTensor, shape (I,)
+            Column of the row's last prompt token (the text query of text-guided methods).
+        """
+        self.stack = stack
+        self.layer_idx = layer_idx
+        self._seq = seq_hidden
+        self._valid = key_valid
+        self._cos, self._sin = cos, sin
+        self.columns = starts[:, None] + torch.arange(n, device=starts.device)  # (I, n)
+        self._last = last_query
+        self.hidden = seq_hidden.gather(1, self.columns[..., None].expand(-1, -1, seq_hidden.shape[-1]))
+
+    @property
+    def num_images(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    @cached_property
+    def _keys(self) -> torch.Tensor:
+        _, k = self.stack.query_key(self.layer_idx, self._seq, self._cos, self._sin, queries=False)
+        return k  # (I, Hkv, T, d)
+
+    def _queries_at(self, columns: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries of the tokens at ``columns`` (I, m): shape (I, H, m, d)."""
+        gather = columns[..., None]
+        rows = self._seq.gather(1, gather.expand(-1, -1, self._seq.shape[-1]))
+        cos = self._cos.gather(1, gather.expand(-1, -1, self._cos.shape[-1]))
+        sin = self._sin.gather(1, gather.expand(-1, -1, self._sin.shape[-1]))
+        q, _ = self.stack.query_key(self.layer_idx, rows, cos, sin)
+        return q
+
+    def visual_attention(self, debias: bool = False) -> torch.Tensor:
+        """(I, n) fp32: attention each image token receives from the image's own queries (SPEC §4.2).
+
+        Softmax over the whole visible sequence (causal and padding masks, fp32), mean over heads, image key
+        columns, mean over the image queries — or, with ``debias``, over only the queries that can see each column.
+        """
+        q = self._queries_at(self.columns)
+        keys = self.stack.expand_kv(self._keys)
+        return ops.visual_attention(q, keys, self._valid, self.columns, causal=True, debias=debias)
+
+    def text_attention(self) -> torch.Tensor:
+        """(I, n) fp32: attention the row's last prompt token gives each image token (FastV, PyramidDrop)."""
+        q = self._queries_at(self._last[:, None])
+        keys = self.stack.expand_kv(self._keys)
+        return ops.query_attention(q, keys, self._valid, self.columns)
+
+    def keys(self) -> torch.Tensor:
+        """(I, n, d) post-RoPE keys of the image tokens averaged over heads: the merge metric."""
+        k = self._keys.mean(1)  # (I, T, d)
+        return k.gather(1, self.columns[..., None].expand(-1, -1, k.shape[-1]))
+
+    def key_heads(self) -> torch.Tensor:
+        """(I, n, Hkv * d) post-RoPE keys of the image tokens, heads concatenated (DART's pivots and similarity)."""
+        k = self._keys.transpose(1, 2).flatten(2)  # (I, T, Hkv*d)
+        return k.gather(1, self.columns[..., None].expand(-1, -1, k.shape[-1]))
+
+
+class ModelAdapter:
+    """Where a model family keeps its vision tower, placeholders and text stack, and how positions work.
+
+    Subclasses set :attr:`model_classes` and implement the vision-stage hooks. Adapters are created per
+    ``apply`` call and hold no state that outlives it.
+    """
+
+    #: Class names of the HF models this adapter handles.
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Human-readable family name, for the report and errors.
+    family: ClassVar[str] = ""
+    #: Whether ``positions="compact"`` has a meaning for this family (not for M-RoPE models).
+    supports_compact_positions: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # --- the LLM side ---------------------------------------------------------------------------------------
+    @cached_property
+    def text(self) -> TextStack:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    # --- the vision side ------------------------------------------------------------------------------------
+    def image_infos(self, kwargs: dict) -> list[ImageInfo]:
+        """Facts about every image of a call, in placeholder order over (batch, sequence)."""
+        raise NotImplementedError
+
+    def default_image_tokens(self) -> int | None:
+        """Visual tokens per image when the family has a fixed count (LLaVA-1.5: 576), else None."""
+        return None
+
+    def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
+        """Run the vision tower on the call's images.
+
+        Returns
+        -------
+        list of (image indices, VisionTokens)
+            Groups of images with the same token count.
+        """
+        raise NotImplementedError
+
+    def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
+        """The LLM input features of a group after the vision-stage ``selection`` (None: keep all, unpruned).
+
+        Returns
+        -------
+        Tensor, shape (I, k, D)
+        """
+        raise NotImplementedError
+
+    def mm_encoder_outputs(self, features: list[torch.Tensor]) -> dict:
+        """Wrap per-image features (k_i, D) as the ``mm_encoder_outputs`` kwarg of the model's forward."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+    def vision_kwargs(self) -> tuple[str, ...]:
+        """Forward kwargs that carry images and must not reach the model once the vision stage consumed them."""
+        return ("pixel_values",)
+
+
+#: Adapter classes, looked up by the model's class name.
+ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    ADAPTERS.append(cls)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``; TypeError naming the supported classes otherwise."""
+    name = type(model).__name__
+    for cls in ADAPTERS:
+        if name in cls.model_classes:
+            return cls(model)
+    supported = sorted(n for cls in ADAPTERS for n in cls.model_classes)
+    raise TypeError(f"unsupported model class {name}; visiondrop supports {', '.join(supported)}")

@@ -1,0 +1,84 @@
+"""Tiny random LVLMs built from configs (no downloads), and batches shaped like a processor's output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visiondrop.tiny import BOS, EOS, IMAGE_TOKEN, PAD
+from visiondrop.tiny import tiny_llava as _tiny_llava
+
+__all__ = ["BOS", "EOS", "IMAGE_TOKEN", "PAD"]
+SIDE = 112  # 8 x 8 = 64 patches of 14 px
+N_TOKENS = (SIDE // 14) ** 2
+
+
+def tiny_llava(attn: str = "sdpa", *, layers: int = 8, kv_heads: int = 2, seed: int = 0, dtype=torch.float32):
+    """A LLaVA-1.5-shaped model small enough for CPU tests (8 x 8 = 64 patches, 8 LLM layers, GQA)."""
+    return _tiny_llava(seed=seed, dtype=dtype, image_size=SIDE, layers=layers, kv_heads=kv_heads, attn=attn)
+
+
+def image(n: int = 1) -> list[int]:
+    return [IMAGE_TOKEN] * (N_TOKENS * n)
+
+
+def make_batch(rows: list[list[int]], side: str = "left", seed: int = 1, dtype=torch.float32) -> dict:
+    """Pad ``rows`` (token lists with image placeholders) into a batch with one random image per image run."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        cols = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    num_images = int((ids == IMAGE_TOKEN).sum()) // N_TOKENS
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if num_images:
+        gen = torch.Generator().manual_seed(seed)
+        batch["pixel_values"] = torch.randn(num_images, 3, SIDE, SIDE, generator=gen).to(dtype)
+    return batch
+
+
+#: A ragged batch: one image, two images (separated by text), and a prompt without an image.
+RAGGED = [
+    [BOS, 5, *image(), 7, 8],
+    [BOS, 5, 6, 9, *image(), 3, *image(), 7, 8, 9],
+    [BOS, 4, 4, 4, 4, 4, 4],
+]
+
+
+@pytest.fixture(scope="session")
+def llava():
+    return tiny_llava("sdpa")
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    return tiny_llava("eager")
+
+
+@pytest.fixture(params=["sdpa", "eager"], scope="session")
+def llava_any(request, llava, llava_eager):
+    return llava if request.param == "sdpa" else llava_eager
+
+
+def model_state(model: torch.nn.Module) -> list:
+    """Everything visiondrop could leave behind: per-module attributes and hooks, and per-instance overrides."""
+    state = []
+    for name, module in model.named_modules():
+        hooks = (
+            len(module._forward_hooks),
+            len(module._forward_pre_hooks),
+            len(module._forward_hooks_with_kwargs),
+            len(module._backward_hooks),
+        )
+        state.append((name, type(module).__name__, tuple(sorted(module.__dict__)), hooks))
+    return state
+
+
+def generate(model, batch: dict, **kwargs) -> torch.Tensor:
+    """Greedy generation of a few tokens, deterministic."""
+    kwargs.setdefault("max_new_tokens", 6)
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(**batch, **kwargs)
