@@ -14,8 +14,17 @@ N_TOKENS = (SIDE // 14) ** 2
 
 
 def tiny_llava(attn: str = "sdpa", *, layers: int = 8, kv_heads: int = 2, seed: int = 0, dtype=torch.float32):
-    """A LLaVA-1.5-shaped model small enough for CPU tests (8 x 8 = 64 patches, 8 LLM layers, GQA)."""
-    return _tiny_llava(seed=seed, dtype=dtype, image_size=SIDE, layers=layers, kv_heads=kv_heads, attn=attn)
+    """A LLaVA-1.5-shaped model small enough for CPU tests (8 x 8 = 64 patches, 8 LLM layers, GQA).
+
+    One unpatched call with ``output_hidden_states`` installs the output-capturing hooks transformers adds lazily, so
+    that snapshots of the model's hooks (``model_state``) only change when visiondrop changes them.
+    """
+    model = _tiny_llava(seed=seed, dtype=dtype, image_size=SIDE, layers=layers, kv_heads=kv_heads, attn=attn)
+    warm = make_batch([[BOS, *image(), 5]], dtype=dtype)
+    with torch.no_grad():
+        model(**warm, output_hidden_states=True)
+        model.model.vision_tower(warm["pixel_values"], output_hidden_states=True)
+    return model
 
 
 def image(n: int = 1) -> list[int]:

@@ -8,10 +8,17 @@
 """
 
 from .methods import (
+    DART,
+    DivPrune,
+    FastV,
     MethodInfo,
     NoPruning,
+    Pooling,
     PruningMethod,
+    PyramidDrop,
+    RandomPruning,
     VisionDrop,
+    VisionZip,
     available_methods,
     build,
     method_class,
@@ -26,16 +33,23 @@ from .schedule import PUBLISHED_SCHEDULE, Schedule, Stage, derive_visiondrop_sch
 __version__ = "0.1.0"
 
 __all__ = [
+    "DART",
     "PUBLISHED_SCHEDULE",
+    "DivPrune",
+    "FastV",
     "MethodInfo",
     "NoPruning",
+    "Pooling",
     "PruningMethod",
+    "PyramidDrop",
+    "RandomPruning",
     "Report",
     "Run",
     "Schedule",
     "Selection",
     "Stage",
     "VisionDrop",
+    "VisionZip",
     "__version__",
     "available_methods",
     "build",

@@ -426,11 +426,10 @@ def grid_pool_selection(
 
 
 def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diversity selection by cosine distance (DivPrune).
+    """Greedy max-min diversity selection by cosine distance (DivPrune's solver of the Max-Min Diversity Problem).
 
-    Start from the token with the largest minimum distance to all others... the DivPrune paper starts from the
-    token farthest from the rest; then repeatedly add the token whose distance to its nearest chosen token is
-    largest.
+    The first token is the one whose nearest other token is farthest away; then, repeatedly, the token whose
+    distance to its nearest chosen token is largest joins. Ties go to the lower index.
 
     Parameters
     ----------
@@ -462,8 +461,25 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pooled_grid_shape(height: int, width: int, budget: int) -> tuple[int, int]:
-    """The largest ``h x w`` grid with the image's aspect ratio and at most ``budget`` cells."""
-    side = math.sqrt(budget * height / width)
-    out_h = max(1, min(height, int(side)))
-    out_w = max(1, min(width, budget // out_h))
-    return out_h, out_w
+    """The pooled grid ``(h, w)`` with the most cells ``h * w <= budget`` whose aspect ratio stays within a factor
+    1.5 of the image grid's (so cells stay roughly square); ties go to the closer aspect ratio.
+
+    A 24 x 24 grid gives 8 x 8 at 64, 11 x 11 at 128 and 12 x 16 at 192.
+    """
+    if budget >= height * width:
+        return height, width
+    target = height / width
+    best: tuple[int, float, int, int] | None = None
+    for h in range(1, height + 1):
+        w = min(width, budget // h)
+        if w < 1:
+            break
+        ratio = (h / w) / target
+        if not 2 / 3 <= ratio <= 1.5:
+            continue
+        key = (h * w, -round(abs(math.log(ratio)), 9), h, w)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    if best is None:  # budgets too small for the ratio rule: a single row or column of cells
+        return (1, min(width, budget)) if width >= height else (min(height, budget), 1)
+    return best[2], best[3]

@@ -243,7 +243,7 @@ class Session:
         self.current: _Prefill | _Decode | None = None
         self.pending: _Vision | None = None
         self._handles: list[Any] = []
-        self._schedules: dict[int, Schedule] = {}
+        self._schedules: dict[tuple[int, tuple[int, int]], Schedule] = {}
         self._saved_generate: Any = None
         self._had_generate = False
         self._forward_signature = inspect.signature(model.forward)
@@ -290,10 +290,12 @@ class Session:
         self.pending = None
 
     # --- schedules ------------------------------------------------------------------------------------------
-    def schedule(self, image_tokens: int) -> Schedule:
-        if image_tokens not in self._schedules:
-            self._schedules[image_tokens] = self.method.schedule(image_tokens, self.text.num_layers)
-        return self._schedules[image_tokens]
+    def schedule(self, info: ImageInfo) -> Schedule:
+        key = (info.tokens, info.grid)
+        if key not in self._schedules:
+            grid = info.grid if info.grid[0] * info.grid[1] == info.tokens else None
+            self._schedules[key] = self.method.schedule(info.tokens, self.text.num_layers, grid)
+        return self._schedules[key]
 
     # --- checks ---------------------------------------------------------------------------------------------
     def _check_forward_kwargs(self, kwargs: dict) -> None:
@@ -350,7 +352,7 @@ class Session:
         device = input_ids.device
         for info in infos:
             self.method.check_image_tokens(info.tokens)
-        stages = [self.schedule(info.tokens).vision for info in infos]
+        stages = [self.schedule(info).vision for info in infos]
         rows = [b for b, row in enumerate(spans) for _ in row]
         batch = input_ids.shape[0]
         if all(stage.tokens == info.tokens for stage, info in zip(stages, infos, strict=True)):
@@ -608,7 +610,7 @@ class _Prefill:
         self.spans = find_image_spans(kwargs["input_ids"], session.adapter.image_token_id, vision.counts)
         self.spans0 = self.spans
         self.sizes = [im.stage.tokens for im in vision.images]  # tokens per image in the current stage
-        self.schedules = [session.schedule(info.tokens) for info in vision.infos]
+        self.schedules = [session.schedule(info) for info in vision.infos]
         self.boundaries = sorted({s.layer for sched in self.schedules for s in sched.boundaries})
         self.state: _StageState | None = None
         self.mask2d: torch.Tensor | None = None
@@ -648,13 +650,19 @@ class _Prefill:
             cos, sin = self.state.position_embeddings
             positions, mask2d, dropped = self.positions, self.mask2d, self.dropped
 
-        # Which images prune here, grouped by (tokens now, target) so each group is one batched call.
+        # Which images prune here, grouped by (tokens now, target) so each group is one batched call. Images whose
+        # stage keeps every token are recorded (for the report) but left alone.
         groups: dict[tuple[int, Stage], list[int]] = {}
+        decisions: dict[int, tuple[Stage, ops.Selection | None, int]] = {}
         for image, sched in enumerate(self.schedules):
             stage = next((s for s in sched.boundaries if s.layer == idx), None)
-            if stage is not None and stage.tokens < self.sizes[image]:
+            if stage is None:
+                continue
+            if stage.tokens < self.sizes[image]:
                 groups.setdefault((self.sizes[image], stage), []).append(image)
-        decisions: dict[int, tuple[Stage, ops.Selection | None, int]] = {}
+            else:
+                decisions[image] = (stage, None, self.sizes[image])
+        self.history.append((idx, decisions))
         if not groups:
             return hidden
 
@@ -665,14 +673,15 @@ class _Prefill:
         for (n, stage), images in groups.items():
             rows = torch.tensor([span_of[i][0] for i in images], device=device)
             starts = torch.tensor([span_of[i][1].start for i in images], device=device)
-            end = max(span_of[i][1].end for i in images)
+            # Whole rows: an image query's causal mask hides what follows the image, and a text-guided method's
+            # query (the last prompt token) sees the whole row.
             tokens = LLMTokens(
                 session.text,
                 idx,
-                hidden[rows, :end],
-                mask2d[rows, :end],
-                cos[rows, :end],
-                sin[rows, :end],
+                hidden[rows],
+                mask2d[rows],
+                cos[rows],
+                sin[rows],
                 starts,
                 n,
                 last_real[rows],
@@ -685,7 +694,6 @@ class _Prefill:
                 sources[image] = src[row]
                 outputs[image] = out[row]
                 decisions[image] = (stage, selection.select(torch.tensor([row], device=device)), n)
-        self.history.append((idx, decisions))
 
         layout = Layout.build(self.spans, mask2d, sources)
         new_hidden = layout.gather(hidden)
@@ -740,9 +748,10 @@ class _Prefill:
                 if image not in decisions:
                     continue
                 stage, selection, n = decisions[image]
-                old_to_new = selection_maps(selection, n)[0]
-                token_patch = token_patch[selection.sources()[0]]
-                owner = torch.where(owner >= 0, old_to_new[owner.clamp(min=0)], owner)
+                if selection is not None:
+                    old_to_new = selection_maps(selection, n)[0]
+                    token_patch = token_patch[selection.sources()[0]]
+                    owner = torch.where(owner >= 0, old_to_new[owner.clamp(min=0)], owner)
                 views.append(
                     StageView(
                         layer=layer,
@@ -763,7 +772,7 @@ class _Prefill:
                     num_layers=num_layers,
                 )
             )
-        schedules = {info.tokens: session.schedule(info.tokens).describe() for info in self.vision.infos}
+        schedules = {info.tokens: session.schedule(info).describe() for info in self.vision.infos}
         return Report(
             method=session.method.name,
             settings=session.method.settings(),

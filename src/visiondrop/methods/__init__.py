@@ -1,15 +1,28 @@
-"""One file per method; each registers its class by name."""
+"""One file per method; each registers its class by name (import order = listing order)."""
 
-from . import none, visiondrop  # noqa: F401  (registration order = listing order)
+from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune, simple, none  # noqa: F401, I001
 from .base import MethodInfo, PruningMethod, available_methods, build, method_class, register
+from .dart import DART
+from .divprune import DivPrune
+from .fastv import FastV
 from .none import NoPruning
+from .pyramiddrop import PyramidDrop
+from .simple import Pooling, RandomPruning
 from .visiondrop import VisionDrop
+from .visionzip import VisionZip
 
 __all__ = [
+    "DART",
+    "DivPrune",
+    "FastV",
     "MethodInfo",
     "NoPruning",
+    "Pooling",
     "PruningMethod",
+    "PyramidDrop",
+    "RandomPruning",
     "VisionDrop",
+    "VisionZip",
     "available_methods",
     "build",
     "method_class",

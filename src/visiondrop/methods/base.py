@@ -130,8 +130,11 @@ class PruningMethod:
                 f"budget={self.budget} is more than the {image_tokens} visual tokens the image has"
             )
 
-    def schedule(self, image_tokens: int, num_layers: int) -> Schedule:
-        """Per-stage token counts for an image of ``image_tokens`` tokens in an LLM of ``num_layers`` layers."""
+    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+        """Per-stage token counts for an image of ``image_tokens`` tokens in an LLM of ``num_layers`` layers.
+
+        ``grid`` is the image's patch grid ``(rows, cols)`` when known (only grid-shaped methods need it).
+        """
         raise NotImplementedError
 
     def first_boundary(self, num_layers: int) -> int | None:
@@ -158,7 +161,7 @@ class PruningMethod:
         tokens = adapter.default_image_tokens()
         if tokens is not None:
             self.check_image_tokens(tokens)
-            self.schedule(tokens, num_layers)
+            self.schedule(tokens, num_layers, adapter.default_grid())
         if self.positions == "compact" and not adapter.supports_compact_positions:
             raise ValueError(
                 f"positions='compact' has no meaning for {adapter.family} (3-D M-RoPE positions); "
@@ -177,3 +180,38 @@ class PruningMethod:
         from ..runtime import attach
 
         return attach(self, model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules shared by the baselines
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def vision_only_schedule(tokens: float, image_tokens: int, num_layers: int, contextual: int = 0) -> Schedule:
+    """A method that prunes once, before the LLM, to ``tokens`` (of which ``contextual`` are merged)."""
+    count = max(1, min(image_tokens, round(tokens)))
+    return Schedule((Stage(0, count - contextual, contextual),), image_tokens, num_layers)
+
+
+def one_boundary_count(method: PruningMethod, image_tokens: int, num_layers: int, layer: int) -> int:
+    """Tokens an in-LLM method that prunes once, after ``layer``, keeps from then on.
+
+    ``average`` mode solves ``(N * K + n * (L - K)) / L = budget`` for ``n``; ``input`` mode keeps ``budget`` tokens
+    at the pruning point (the count the pruned layers work with).
+    """
+    if not 1 <= layer <= num_layers - 1:
+        raise ValueError(
+            f"{method.name}: layer={layer} is outside 1..{num_layers - 1} for a {num_layers}-layer LLM "
+            "(the boundary runs after that many layers)"
+        )
+    budget = method.budget_tokens(image_tokens)
+    if method.budget_mode == "input":
+        return max(1, min(image_tokens, round(budget)))
+    kept = (budget * num_layers - image_tokens * layer) / (num_layers - layer)
+    if round(kept) < 1:
+        lowest = (image_tokens * layer + (num_layers - layer)) / num_layers
+        raise ValueError(
+            f"{method.name}: a layer-average budget of {budget:g} is out of reach when all {image_tokens} tokens run "
+            f"through the first {layer} layers (lowest: {lowest:.1f}); use a smaller layer or budget_mode='input'"
+        )
+    return min(image_tokens, round(kept))

@@ -171,8 +171,8 @@ class LLMTokens:
     """The visual tokens of a group of ``I`` images at an in-LLM boundary, with lazily computed scores.
 
     Scores use the *next* layer (the first one that will see the pruned sequence): its input norm, q/k projections and
-    RoPE at the current positions (SPEC §4.1). Only image-token queries are projected; keys are projected for the
-    sequence up to the end of each image, which is all a causal image query can see.
+    RoPE at the current positions (SPEC §4.1). Only the queries a score needs are projected (the image tokens, or the
+    last prompt token); keys are projected once for the image's row and shared by every score.
 
     Attributes
     ----------
@@ -198,7 +198,7 @@ class LLMTokens:
         Parameters
         ----------
         seq_hidden : Tensor, shape (I, T, D)
-            The whole row of each image, truncated at the group's last image end.
+            The whole row of each image.
         key_valid : BoolTensor, shape (I, T)
         cos, sin : Tensor, shape (I, T, d)
         starts : LongTensor, shape (I,)
@@ -300,6 +300,10 @@ class ModelAdapter:
 
     def default_image_tokens(self) -> int | None:
         """Visual tokens per image when the family has a fixed count (LLaVA-1.5: 576), else None."""
+        return None
+
+    def default_grid(self) -> tuple[int, int] | None:
+        """The patch grid of every image when the family has a fixed one (LLaVA-1.5: 24 x 24), else None."""
         return None
 
     def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:

@@ -111,6 +111,9 @@ class LlavaAdapter(ModelAdapter):
     def default_image_tokens(self) -> int:
         return self.num_patches
 
+    def default_grid(self) -> tuple[int, int]:
+        return self.grid
+
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
         pixel_values = kwargs.get("pixel_values")
         count = 0 if pixel_values is None else pixel_values.shape[0]
