@@ -1,0 +1,250 @@
+"""``visiondrop run | eval | bench | flops | methods``: a thin layer over the library's objects."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger("visiondrop")
+
+
+class CLIError(Exception):
+    """A user error reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by the commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise CLIError(f"--dtype {name!r}: use one of float32, bfloat16, float16")
+    return table[name]
+
+
+def _parse_budget(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CLIError(
+            f"--budget {text!r}: give a token count (e.g. 64) or a fraction in (0, 1] (e.g. 0.25)"
+        ) from None
+    if value.is_integer() and ("." not in text):
+        return int(value)
+    return value
+
+
+def _method_kwargs(text: str | None) -> dict[str, Any]:
+    """``--set key=value,key=value`` -> fields (ints, floats, bools, strings)."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if "=" not in item:
+            raise CLIError(f"--set {item!r}: use key=value")
+        key, raw = item.split("=", 1)
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = value
+    return out
+
+
+def load_model(name_or_path: str | None, dtype_name: str = "float32"):
+    """Load an LVLM and its processor: the shipped testbed model by default, else an HF id or a local folder."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .testbed import DEFAULT_MODEL_PATH
+
+    dtype = _dtype(dtype_name)
+    path = Path(name_or_path) if name_or_path else DEFAULT_MODEL_PATH
+    if name_or_path is None and not (path / "config.json").is_file():
+        raise CLIError(f"the shipped testbed model is missing from {path}; pass --model")
+    source = str(path) if path.exists() else str(name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise CLIError(f"--model {source!r}: cannot load it ({str(err).splitlines()[0]})") from None
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--image {path!r}: no such file")
+    try:
+        image = Image.open(file)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise CLIError(f"--image {path!r}: not a readable image ({type(err).__name__})") from None
+    return image.convert("RGB")
+
+
+def _prompt(processor: Any, question: str) -> str:
+    template = getattr(processor, "chat_template", None)
+    if template:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def methods_table() -> str:
+    """The registry as a markdown table (the README's methods table is this output)."""
+    from .methods import available_methods, method_class
+
+    lines = ["| name | stages | signal | merges | paper |", "|---|---|---|---|---|"]
+    for name in available_methods():
+        info = method_class(name).info
+        lines.append(
+            f"| `{name}` | {info.stages} | {info.signal} | {'yes' if info.merges else 'no'} | {info.paper} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(methods_table())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import build
+    from .testbed import first_word, make_sample, unknown_words
+
+    model, processor = load_model(args.model, args.dtype)
+    expected = None
+    if args.image is None:
+        sample = make_sample("test", args.seed)
+        image = sample.image
+        question = args.question or sample.question
+        expected = sample.answer if args.question is None else None
+    else:
+        image = _open_image(args.image)
+        question = args.question or "What is in the image?"
+    if args.model is None:
+        unknown = unknown_words(question, processor.tokenizer)
+        if unknown:
+            logger.warning("words outside the testbed vocabulary are read as <unk>: %s", ", ".join(unknown))
+    method = build(args.method, budget=args.budget, budget_mode=args.budget_mode, **_method_kwargs(args.set))
+    inputs = processor(images=image, text=_prompt(processor, question), return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    prompt_length = inputs["input_ids"].shape[1]
+
+    def answer(out: torch.Tensor) -> str:
+        return processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)[0].strip()
+
+    with torch.no_grad():
+        unpruned = answer(model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
+        with method.apply(model) as run:
+            pruned = answer(model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
+    report = run.report
+    print(f"model:    {args.model or 'visiondrop testbed (shipped)'}")
+    print(f"question: {question}" + (f"   [expected: {expected}]" if expected else ""))
+    print(f"unpruned: {unpruned}")
+    print(f"{args.method} (budget {args.budget}, {args.budget_mode}): {pruned}")
+    print(report)
+    if expected is not None:
+        ok = [first_word(unpruned) == expected, first_word(pruned) == expected]
+        print(f"correct:  unpruned {'yes' if ok[0] else 'no'}, pruned {'yes' if ok[1] else 'no'}")
+    if args.out:
+        from .viz import save_stages
+
+        title = f"{args.method}, budget {args.budget} ({args.budget_mode}) - Q: {question} A: {pruned}"
+        path = save_stages(image, report.images[0], Path(args.out) / "kept.png", title=title)
+        (Path(args.out) / "report.json").write_text(report.to_json())
+        print(f"picture:  {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visiondrop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one question unpruned and pruned, show what was kept")
+    run.add_argument("--model", help="HF id or local folder (default: the shipped testbed model)")
+    run.add_argument("--image", help="image file (default: a generated test scene)")
+    run.add_argument("--question", help="question (default: the scene's own question)")
+    run.add_argument("--method", default="visiondrop", help="registry name (see `visiondrop methods`)")
+    run.add_argument(
+        "--budget", type=_parse_budget, default=64, help="tokens per image, or a fraction (default 64)"
+    )
+    run.add_argument("--budget-mode", default="average", choices=["average", "input"])
+    run.add_argument("--set", help="other method fields, e.g. positions=preserve,merge=mean")
+    run.add_argument("--seed", type=int, default=0, help="which generated test scene (default 0)")
+    run.add_argument("--dtype", default="float32")
+    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--out", help="folder for kept.png and report.json")
+    run.set_defaults(func=cmd_run)
+
+    methods = sub.add_parser("methods", help="list the methods: stages, signal, merging, paper")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("VISIONDROP_DEBUG"):
+            raise
+        print(f"visiondrop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
