@@ -297,3 +297,41 @@ def test_generation_stops_at_eos_like_the_unpatched_model(llava):
     with vd.VisionDrop(budget=16).apply(llava):
         out = generate(llava, batch, max_new_tokens=30, eos_token_id=EOS)
     assert out.shape[1] <= batch["input_ids"].shape[1] + 30
+
+
+def test_report_gives_the_analytic_cost_of_the_run(llava):
+    from visiondrop import flops
+
+    batch = make_batch([[BOS, 5, *image(), 7, 8]])
+    method = vd.VisionDrop(budget=16)
+    with method.apply(llava) as run:
+        generate(llava, batch)
+    arch = flops.ArchSpec.from_config(llava.config)
+    schedule = method.schedule(N_TOKENS, 8)
+    text = 4
+    expected = flops.prefill_flops(
+        arch,
+        visual_tokens_per_layer=schedule.tokens_per_layer(),
+        text_tokens=text,
+        vision_tokens=[N_TOKENS + 1],
+        projector_tokens=schedule.input_count,
+    )
+    unpruned = flops.prefill_flops(
+        arch, visual_tokens_per_layer=N_TOKENS, text_tokens=text, vision_tokens=[65]
+    )
+    got = run.report.flops
+    assert got["tflops"] == pytest.approx(expected.tflops)
+    assert got["unpruned_tflops"] == pytest.approx(unpruned.tflops)
+    assert got["ratio"] == pytest.approx(unpruned.total / expected.total)
+    kv = flops.kv_cache_bytes(arch, [text + n for n in schedule.tokens_per_layer()], 4)
+    assert got["kv_bytes"] == kv and "fewer" in str(run.report)
+
+
+def test_profiling_times_only_when_asked(llava):
+    batch = make_batch(RAGGED)
+    with vd.VisionDrop(budget=16).apply(llava) as quiet:
+        generate(llava, batch)
+    with vd.VisionDrop(budget=16).apply(llava, profile=True) as timed:
+        generate(llava, batch)
+    assert quiet.timings == {"vision_select_s": 0.0, "llm_select_s": 0.0}
+    assert timed.timings["vision_select_s"] > 0 and timed.timings["llm_select_s"] > 0

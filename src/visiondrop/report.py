@@ -186,11 +186,24 @@ class Report:
                 f"final {s.final_count:g}"
             )
         if self.flops:
+            f = self.flops
             lines.append(
-                f"prefill FLOPs: {self.flops['tflops']:.3f} T of {self.flops['unpruned_tflops']:.3f} T unpruned "
-                f"({self.flops['unpruned_tflops'] / self.flops['tflops']:.2f}x fewer)"
+                f"prefill FLOPs: {_flops_text(f['tflops'])} vs {_flops_text(f['unpruned_tflops'])} unpruned "
+                f"({f['ratio']:.2f}x fewer); KV cache: {_bytes_text(f['kv_bytes'])} vs "
+                f"{_bytes_text(f['unpruned_kv_bytes'])}"
             )
         return "\n".join(lines)
+
+
+def _flops_text(tflops: float) -> str:
+    return f"{tflops:.2f} TFLOPs" if tflops >= 0.1 else f"{tflops * 1e3:.2f} GFLOPs"
+
+
+def _bytes_text(count: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
 
 
 def _jsonable(value: Any) -> Any:

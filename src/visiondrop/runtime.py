@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from . import ops
-from .layout import Layout, find_image_spans, hf_generate_positions
+from . import flops, ops
+from .layout import Layout, Span, find_image_spans, hf_generate_positions
 from .models import get_adapter
 from .models.base import ImageInfo, LLMTokens, ModelAdapter, VisionTokens
 from .report import ImageReport, Report, SampleReport, StageView, selection_maps
@@ -60,6 +62,9 @@ class Run:
         self._session = session
         self._last: _Prefill | None = None
         self._report: Report | None = None
+        #: With ``apply(model, profile=True)``: seconds spent selecting at the vision stage and at in-LLM boundaries
+        #: (scoring, merging, rebuilding the sequence), summed over the calls made inside the block.
+        self.timings: dict[str, float] = {"vision_select_s": 0.0, "llm_select_s": 0.0}
 
     @property
     def report(self) -> Report | None:
@@ -74,7 +79,7 @@ class Run:
 
 
 @contextmanager
-def attach(method: PruningMethod, model: torch.nn.Module) -> Iterator[Run]:
+def attach(method: PruningMethod, model: torch.nn.Module, *, profile: bool = False) -> Iterator[Run]:
     """Install ``method`` on ``model`` for the duration of the block (see :meth:`PruningMethod.apply`)."""
     adapter = get_adapter(model)
     method.check_model(adapter)
@@ -82,7 +87,7 @@ def attach(method: PruningMethod, model: torch.nn.Module) -> Iterator[Run]:
         raise RuntimeError(
             f"{type(model).__name__} already has a pruning method applied; exit that block first"
         )
-    session = Session(method, model, adapter)
+    session = Session(method, model, adapter, profile=profile)
     session.install()
     _ACTIVE.add(model)
     try:
@@ -103,12 +108,11 @@ class _ImageOut:
 
     info: ImageInfo
     stage: Stage
-    offsets: (
-        torch.Tensor
-    )  # (k,) offset in the original placeholder run of each surviving token (for positions)
+    offsets: torch.Tensor  # (k,) place of each surviving token in the original placeholder run (positions)
     token_patch: torch.Tensor  # (k,) grid patch of each surviving token, -1 for [CLS]
     patch_owner: torch.Tensor  # (P,) surviving token that carries each patch, -1 dropped
     contextual: int
+    projected: int  # tokens that went through the projector (cost accounting)
 
 
 @dataclass
@@ -166,6 +170,7 @@ def _identity_image(info: ImageInfo, device: torch.device) -> _ImageOut:
         token_patch=arange if patches == info.tokens else torch.full((info.tokens,), -1),
         patch_owner=owner,
         contextual=0,
+        projected=info.tokens,
     )
 
 
@@ -188,6 +193,7 @@ def _image_out(
         token_patch=token_patch,
         patch_owner=patch_owner,
         contextual=selection.num_merged,
+        projected=tokens.num_tokens if selection.space == "projected" else selection.num_out,
     )
 
 
@@ -233,8 +239,11 @@ class _CacheRecord:
 class Session:
     """The hooks of one ``apply`` block and the per-call state they share."""
 
-    def __init__(self, method: PruningMethod, model: torch.nn.Module, adapter: ModelAdapter) -> None:
+    def __init__(
+        self, method: PruningMethod, model: torch.nn.Module, adapter: ModelAdapter, *, profile: bool = False
+    ) -> None:
         self.method = method
+        self.profile = profile
         self.model = model
         self.adapter = adapter
         self.text = adapter.text
@@ -246,8 +255,36 @@ class Session:
         self._schedules: dict[tuple[int, tuple[int, int]], Schedule] = {}
         self._saved_generate: Any = None
         self._had_generate = False
+        self._generating = self._reported = False
+        self.dtype = next(model.parameters()).dtype
         self._forward_signature = inspect.signature(model.forward)
         self._generate_signature = inspect.signature(model.generate)
+
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Add the wall time of the block to ``run.timings[key]`` when profiling (synchronising CUDA around it)."""
+        if not self.profile:
+            yield
+            return
+        cuda = torch.cuda.is_available() and next(self.model.parameters()).is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            self.run.timings[key] += time.perf_counter() - start
+
+    @cached_property
+    def arch(self) -> flops.ArchSpec | None:
+        """Dimensions for the cost accounting; None for configs the accounting does not know."""
+        try:
+            return flops.ArchSpec.from_config(self.model.config)
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            logger.info("no FLOPs in the report: %s", err)
+            return None
 
     # --- install / remove -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -368,7 +405,8 @@ class Session:
             if stage.tokens == info.tokens:
                 selection = None
             else:
-                selection = self.method.select_vision(tokens, stage)
+                with self.timed("vision_select_s"):
+                    selection = self.method.select_vision(tokens, stage)
                 _check_selection(selection, stage, "vision stage")
             feats = adapter.features(tokens, selection)
             for row, image in enumerate(images):
@@ -378,6 +416,24 @@ class Session:
                 else:
                     outs[image] = _image_out(infos[image], stage, tokens, row, selection)
 
+        with self.timed("vision_select_s"):
+            return self._shrink_inputs(kwargs, spans, infos, outs, features, rows, generate=generate)
+
+    def _shrink_inputs(
+        self,
+        kwargs: dict,
+        spans: list[list[Span]],
+        infos: list[ImageInfo],
+        outs: list[_ImageOut],
+        features: list[torch.Tensor],
+        rows: list[int],
+        *,
+        generate: bool,
+    ) -> _Vision:
+        """Replace every image's placeholder run in ``kwargs`` by its surviving tokens; positions per the policy."""
+        adapter = self.adapter
+        input_ids = kwargs["input_ids"]
+        device = input_ids.device
         mask = kwargs.get("attention_mask")
         full_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         layout = Layout.build(spans, full_mask, {i: out.offsets for i, out in enumerate(outs)})
@@ -410,7 +466,7 @@ class Session:
             infos,
             outs,
             rows,
-            batch,
+            input_ids.shape[0],
             changed=True,
             orig_ids=input_ids,
             new_ids=new_ids,
@@ -447,10 +503,12 @@ class Session:
         elif has_images:
             vision = self.vision_stage(kwargs, generate=True)
         self.pending = vision
+        self._generating, self._reported = True, False
         try:
             out = original(**kwargs)
         finally:
             self.pending = None
+            self._generating = False
         if caller_ids is not None and kwargs.get("input_ids") is not caller_ids:
             out = _restore_prompt(out, caller_ids, kwargs["input_ids"].shape[1])
         return out
@@ -531,7 +589,11 @@ class Session:
             cache = next((o for o in output if hasattr(o, "get_seq_length")), None)
         if cache is not None:
             self.records[cache] = current.cache_record()
-        self.run._record(current)
+        # Inside generate() the report describes the prompt's prefill, not the later steps that
+        # generate(use_cache=False) runs as prefills too.
+        if not (self._generating and self._reported):
+            self.run._record(current)
+            self._reported = True
 
     def _layer_hook(self, idx: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -609,6 +671,13 @@ class _Prefill:
         self.cache = kwargs.get("past_key_values")
         self.spans = find_image_spans(kwargs["input_ids"], session.adapter.image_token_id, vision.counts)
         self.spans0 = self.spans
+        self.image_rows = {s.image: b for b, row in enumerate(self.spans) for s in row}
+        real = kwargs["attention_mask"].sum(1).tolist() if kwargs.get("attention_mask") is not None else None
+        width = kwargs["input_ids"].shape[1]
+        self.text_tokens = [
+            (width if real is None else int(real[b])) - sum(s.length for s in row)
+            for b, row in enumerate(self.spans)
+        ]
         self.sizes = [im.stage.tokens for im in vision.images]  # tokens per image in the current stage
         self.schedules = [session.schedule(info) for info in vision.infos]
         self.boundaries = sorted({s.layer for sched in self.schedules for s in sched.boundaries})
@@ -626,7 +695,8 @@ class _Prefill:
         if self.initial_length is None:
             self.initial_length = hidden.shape[1]
         if idx in self.boundaries:
-            hidden = self._boundary(idx, hidden, kwargs)
+            with self.session.timed("llm_select_s"):
+                hidden = self._boundary(idx, hidden, kwargs)
         if self.state is not None:
             kwargs["attention_mask"] = self.state.masks[self.session.text.layer_type(idx)]
             kwargs["position_embeddings"] = self.state.position_embeddings
@@ -729,7 +799,7 @@ class _Prefill:
     def report(self) -> Report:
         session = self.session
         num_layers = session.text.num_layers
-        image_rows = {s.image: b for b, row in enumerate(self.spans0) for s in row}
+        image_rows = self.image_rows
         batch = len(self.spans0)
         samples = [SampleReport(b, []) for b in range(batch)]
         for image, out in enumerate(self.vision.images):
@@ -779,7 +849,42 @@ class _Prefill:
             schedules=schedules,
             samples=samples,
             num_layers=num_layers,
+            flops=self._flops(samples),
         )
+
+    def _flops(self, samples: list[SampleReport]) -> dict[str, float] | None:
+        """Analytic prefill cost of this call, pruned and unpruned (SPEC §9), summed over the batch."""
+        arch = self.session.arch
+        if arch is None:
+            return None
+        outs_by_row: dict[int, list[_ImageOut]] = {}
+        for image, out in enumerate(self.vision.images):
+            outs_by_row.setdefault(self.image_rows[image], []).append(out)
+        element = torch.finfo(self.session.dtype).bits // 8
+        totals = {"unpruned_tflops": 0.0, "tflops": 0.0, "unpruned_kv_bytes": 0, "kv_bytes": 0}
+        for sample in samples:
+            outs = outs_by_row.get(sample.sample, [])
+            text = self.text_tokens[sample.sample]
+            vit = [t for out in outs for t in out.info.vit_tokens]
+            full = [sum(out.info.tokens for out in outs)] * arch.num_layers
+            pruned = [sum(col) for col in zip(*(im.tokens_per_layer() for im in sample.images), strict=True)]
+            pruned = pruned or [0] * arch.num_layers
+            cost = flops.prefill_flops(
+                arch,
+                visual_tokens_per_layer=pruned,
+                text_tokens=text,
+                vision_tokens=vit,
+                projector_tokens=sum(out.projected for out in outs),
+            )
+            base = flops.prefill_flops(
+                arch, visual_tokens_per_layer=full, text_tokens=text, vision_tokens=vit
+            )
+            totals["tflops"] += cost.tflops
+            totals["unpruned_tflops"] += base.tflops
+            totals["kv_bytes"] += flops.kv_cache_bytes(arch, [text + v for v in pruned], element)
+            totals["unpruned_kv_bytes"] += flops.kv_cache_bytes(arch, [text + v for v in full], element)
+        totals["ratio"] = totals["unpruned_tflops"] / totals["tflops"] if totals["tflops"] else float("nan")
+        return totals
 
 
 class _Decode:

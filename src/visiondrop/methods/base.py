@@ -168,8 +168,11 @@ class PruningMethod:
                 "use positions='preserve'"
             )
 
-    def apply(self, model: torch.nn.Module) -> AbstractContextManager[Run]:
+    def apply(self, model: torch.nn.Module, *, profile: bool = False) -> AbstractContextManager[Run]:
         """Prune ``model`` inside a ``with`` block; it is exactly as before once the block exits.
+
+        ``profile=True`` times the method's own work (scoring, merging, rebuilding sequences) into
+        ``run.timings``, synchronising CUDA around it; leave it off otherwise.
 
         Example
         -------
@@ -179,7 +182,7 @@ class PruningMethod:
         """
         from ..runtime import attach
 
-        return attach(self, model)
+        return attach(self, model, profile=profile)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,10 +30,14 @@ class ImageInfo:
         Placeholder tokens the unpruned model gives this image in the LLM.
     grid : tuple of int
         ``(rows, cols)`` of the patch grid that the report's kept positions index into (``rows * cols`` patches).
+    vit_tokens : tuple of int
+        Tokens of every vision-tower pass this image takes (one per crop), for the cost accounting; empty when
+        unknown (features passed in by the caller).
     """
 
     tokens: int
     grid: tuple[int, int]
+    vit_tokens: tuple[int, ...] = ()
 
 
 class VisionTokens:

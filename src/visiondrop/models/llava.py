@@ -117,7 +117,7 @@ class LlavaAdapter(ModelAdapter):
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
         pixel_values = kwargs.get("pixel_values")
         count = 0 if pixel_values is None else pixel_values.shape[0]
-        return [ImageInfo(self.num_patches, self.grid)] * count
+        return [ImageInfo(self.num_patches, self.grid, (self.num_patches + 1,))] * count
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
