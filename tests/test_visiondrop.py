@@ -335,3 +335,14 @@ def test_profiling_times_only_when_asked(llava):
         generate(llava, batch)
     assert quiet.timings == {"vision_select_s": 0.0, "llm_select_s": 0.0}
     assert timed.timings["vision_select_s"] > 0 and timed.timings["llm_select_s"] > 0
+
+
+@pytest.mark.parametrize("positions", ["compact", "preserve"])
+def test_a_single_prompt_without_a_mask_decodes_consistently(llava, positions):
+    """No padding and no attention_mask: transformers would read preserve's position gaps as packed sequences."""
+    batch = make_batch([RAGGED[1]])
+    del batch["attention_mask"]
+    with vd.VisionDrop(budget=16, positions=positions).apply(llava):
+        cached = generate(llava, batch, max_new_tokens=NEW)
+        full = generate(llava, batch, max_new_tokens=NEW, use_cache=False)
+    assert torch.equal(cached, full)

@@ -564,6 +564,8 @@ class Session:
                 vision = self.pending.expanded(rows // self.pending.batch)
             else:  # features the caller encoded: no vision stage, in-LLM stages only
                 vision = self._encoded_by_caller(kwargs)
+        if (vision is not None or record is not None) and kwargs.get("attention_mask") is None:
+            _explicit_mask(kwargs, cache)
         if vision is not None:
             self.current = _Prefill(self, vision, kwargs)
         elif record is not None:
@@ -631,6 +633,17 @@ def _check_selection(selection: ops.Selection, stage: Stage, where: str) -> None
         raise RuntimeError(
             f"{where}: method returned {selection.num_kept}+{selection.num_merged} tokens, schedule says {stage}"
         )
+
+
+def _explicit_mask(kwargs: dict, cache: Any) -> None:
+    """Give the model an all-ones 2-D mask where it had none.
+
+    transformers 5.x reads positions that do not grow by exactly 1 as packed sequences when no mask (and no cache) is
+    given, and would then block attention across the gaps that pruning leaves in ``preserve`` positions.
+    """
+    tensor = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    past = cache.get_seq_length() if cache is not None else 0
+    kwargs["attention_mask"] = torch.ones(tensor.shape[0], past + tensor.shape[1], dtype=torch.long, device=tensor.device)
 
 
 def _batch_size(kwargs: dict) -> int:
