@@ -37,7 +37,7 @@ def test_the_registry_has_every_method():
 def test_every_method_in_a_padded_batch(llava, name, budget):
     batch = make_batch(RAGGED)
     method = vd.build(name, budget=budget)
-    schedule = method.schedule(N_TOKENS, LAYERS, (8, 8))
+    schedule = method.schedule(N_TOKENS, LAYERS, ((8, 8),))
     before = model_state(llava)
     with method.apply(llava) as run:
         first = generate(llava, batch)
@@ -63,7 +63,7 @@ def test_every_method_in_a_padded_batch(llava, name, budget):
 @pytest.mark.parametrize("name", [n for n in ALL if n != "none"])
 def test_input_budget_mode_fixes_the_count_at_the_first_pruning_point(name):
     method = vd.build(name, budget=20, budget_mode="input")
-    schedule = method.schedule(N_TOKENS, LAYERS, (8, 8))
+    schedule = method.schedule(N_TOKENS, LAYERS, ((8, 8),))
     pruning = next(s for s in schedule.stages if s.tokens < N_TOKENS)
     assert pruning.tokens == 20  # pooling: 4 x 5 cells
 

@@ -184,7 +184,7 @@ class _FakeTokens(VisionTokens):
     """Vision tokens with scores and keys chosen by hand."""
 
     def __init__(self, hidden, scores, keys):
-        super().__init__(hidden, has_cls=True, grid=(2, 4))
+        super().__init__(hidden, has_cls=True, grids=((2, 4),))
         self._scores, self._keys = scores, keys
 
     def cls_attention(self):

@@ -48,11 +48,11 @@ class StageView:
 
 @dataclass
 class ImageReport:
-    """One image of one sample."""
+    """One image of one sample; patch ``p`` is cell ``p`` of its ``grids`` laid end to end."""
 
     sample: int
     index: int
-    grid: tuple[int, int]
+    grids: tuple[tuple[int, int], ...]
     image_tokens: int
     stages: list[StageView]
     num_layers: int
@@ -153,7 +153,7 @@ class Report:
                     "images": [
                         {
                             "index": im.index,
-                            "grid": list(im.grid),
+                            "grids": [list(g) for g in im.grids],
                             "image_tokens": im.image_tokens,
                             "counts": im.counts(),
                             "input_count": im.input_count,

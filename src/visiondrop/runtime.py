@@ -160,14 +160,15 @@ class _Vision:
 
 
 def _identity_image(info: ImageInfo, device: torch.device) -> _ImageOut:
-    patches = info.grid[0] * info.grid[1]
-    arange = torch.arange(info.tokens, device=device)
-    owner = torch.arange(patches, device=device) if patches == info.tokens else torch.full((patches,), -1)
+    token_patch = torch.tensor(info.placeholder_patches(), dtype=torch.long, device=device)
+    owner = torch.full((info.num_patches,), -1, dtype=torch.long, device=device)
+    carried = token_patch >= 0
+    owner[token_patch[carried]] = torch.nonzero(carried).flatten()
     return _ImageOut(
         info=info,
         stage=Stage(0, info.tokens, 0),
-        offsets=arange,
-        token_patch=arange if patches == info.tokens else torch.full((info.tokens,), -1),
+        offsets=torch.arange(info.tokens, device=device),
+        token_patch=token_patch,
         patch_owner=owner,
         contextual=0,
         projected=info.tokens,
@@ -182,14 +183,13 @@ def _image_out(
     owner_of_token = selection_maps(
         selection.select(torch.tensor([row], device=sources.device)), tokens.num_tokens
     )[0]
-    patches = info.grid[0] * info.grid[1]
-    patch_owner = torch.full((patches,), -1, dtype=torch.long, device=sources.device)
+    patch_owner = torch.full((info.num_patches,), -1, dtype=torch.long, device=sources.device)
     is_patch = tokens.patch_index >= 0
     patch_owner[tokens.patch_index[is_patch]] = owner_of_token[is_patch]
     return _ImageOut(
         info=info,
         stage=stage,
-        offsets=token_patch.clamp(min=0),  # [CLS] takes the place of the image's first token
+        offsets=tokens.placeholder_offset[sources],
         token_patch=token_patch,
         patch_owner=patch_owner,
         contextual=selection.num_merged,
@@ -252,7 +252,7 @@ class Session:
         self.current: _Prefill | _Decode | None = None
         self.pending: _Vision | None = None
         self._handles: list[Any] = []
-        self._schedules: dict[tuple[int, tuple[int, int]], Schedule] = {}
+        self._schedules: dict[tuple[int, tuple], Schedule] = {}
         self._saved_generate: Any = None
         self._had_generate = False
         self._generating = self._reported = False
@@ -328,10 +328,9 @@ class Session:
 
     # --- schedules ------------------------------------------------------------------------------------------
     def schedule(self, info: ImageInfo) -> Schedule:
-        key = (info.tokens, info.grid)
+        key = (info.tokens, info.grids)
         if key not in self._schedules:
-            grid = info.grid if info.grid[0] * info.grid[1] == info.tokens else None
-            self._schedules[key] = self.method.schedule(info.tokens, self.text.num_layers, grid)
+            self._schedules[key] = self.method.schedule(info.tokens, self.text.num_layers, info.grids or None)
         return self._schedules[key]
 
     # --- checks ---------------------------------------------------------------------------------------------
@@ -576,7 +575,7 @@ class Session:
 
     def _encoded_by_caller(self, kwargs: dict) -> _Vision:
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
-        infos = [ImageInfo(f.shape[0], (0, 0)) for f in feats]
+        infos = [ImageInfo(f.shape[0]) for f in feats]
         spans = find_image_spans(kwargs["input_ids"], self.adapter.image_token_id, [i.tokens for i in infos])
         rows = [b for b, row in enumerate(spans) for _ in row]
         images = [_identity_image(info, f.device) for info, f in zip(infos, feats, strict=True)]
@@ -643,7 +642,9 @@ def _explicit_mask(kwargs: dict, cache: Any) -> None:
     """
     tensor = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     past = cache.get_seq_length() if cache is not None else 0
-    kwargs["attention_mask"] = torch.ones(tensor.shape[0], past + tensor.shape[1], dtype=torch.long, device=tensor.device)
+    kwargs["attention_mask"] = torch.ones(
+        tensor.shape[0], past + tensor.shape[1], dtype=torch.long, device=tensor.device
+    )
 
 
 def _batch_size(kwargs: dict) -> int:
@@ -849,7 +850,7 @@ class _Prefill:
                 ImageReport(
                     sample=row,
                     index=len(samples[row].images),
-                    grid=info.grid,
+                    grids=info.grids,
                     image_tokens=info.tokens,
                     stages=views,
                     num_layers=num_layers,

@@ -33,7 +33,8 @@ def _palette(count: int) -> list[tuple[int, int, int]]:
     return colours
 
 
-def _panel(image: Image.Image, grid: tuple[int, int], view: StageView) -> Image.Image:
+def _panel(image: Image.Image, grid: tuple[int, int], first: int, view: StageView) -> Image.Image:
+    """One grid (patches ``first .. first + rows*cols - 1`` of the image) after one stage."""
     rows, cols = grid
     base = image.convert("RGB").resize((_PANEL, _PANEL))
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
@@ -41,7 +42,7 @@ def _panel(image: Image.Image, grid: tuple[int, int], view: StageView) -> Image.
     cell_w, cell_h = _PANEL / cols, _PANEL / rows
 
     groups: dict[int, list[int]] = defaultdict(list)
-    for patch, owner in enumerate(view.patch_owner):
+    for patch, owner in enumerate(view.patch_owner[first : first + rows * cols]):
         groups[owner].append(patch)
     merged_owners = [o for o, patches in groups.items() if o >= 0 and len(patches) > 1]
     colour_of = dict(zip(merged_owners, _palette(len(merged_owners)), strict=False))
@@ -59,14 +60,16 @@ def _panel(image: Image.Image, grid: tuple[int, int], view: StageView) -> Image.
             else:
                 draw.rectangle(box(patch), outline=(255, 255, 255, 230))
     for owner, colour in colour_of.items():
-        anchor = view.token_patch[owner] if owner < len(view.token_patch) else -1
-        if anchor >= 0:
+        anchor = (view.token_patch[owner] if owner < len(view.token_patch) else -1) - first
+        if 0 <= anchor < rows * cols:
             draw.rectangle(box(anchor), outline=(*colour, 255), width=2)
     return Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
 
 
 def draw_stages(image: Image.Image, report: ImageReport, title: str = "") -> Image.Image:
     """One picture with a panel per stage (the unpruned grid first), titled with the token counts.
+
+    Images with several grids (LLaVA-NeXT's base and high-resolution views) get one row of panels per grid.
 
     Parameters
     ----------
@@ -77,15 +80,16 @@ def draw_stages(image: Image.Image, report: ImageReport, title: str = "") -> Ima
     title : str
         Text above the panels (e.g. the method and budget).
     """
-    rows, cols = report.grid
-    if rows * cols == 0:
+    if not report.grids:
         raise ValueError("this image has no patch grid to draw on (features passed in by the caller)")
+    patches = sum(h * w for h, w in report.grids)
     full = StageView(
-        layer=-1, tokens=rows * cols, contextual=0, token_patch=[], patch_owner=list(range(rows * cols))
+        layer=-1, tokens=report.image_tokens, contextual=0, token_patch=[], patch_owner=list(range(patches))
     )
     views = [full, *report.stages]
     header = _TITLE * (2 if title else 1)
-    canvas = Image.new("RGB", (len(views) * (_PANEL + 8) + 8, _PANEL + header + 8), (24, 24, 24))
+    height = header + len(report.grids) * (_PANEL + 8)
+    canvas = Image.new("RGB", (len(views) * (_PANEL + 8) + 8, height), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     if title:
@@ -102,7 +106,10 @@ def draw_stages(image: Image.Image, report: ImageReport, title: str = "") -> Ima
             )
             label = f"{view.name}: {view.tokens}{merged}"
         draw.text((x, header - _TITLE + 4), label, fill=(235, 235, 235), font=font)
-        canvas.paste(_panel(image, report.grid, view), (x, header))
+        first = 0
+        for g, grid in enumerate(report.grids):
+            canvas.paste(_panel(image, grid, first, view), (x, header + g * (_PANEL + 8)))
+            first += grid[0] * grid[1]
     return canvas
 
 

@@ -130,10 +130,12 @@ class PruningMethod:
                 f"budget={self.budget} is more than the {image_tokens} visual tokens the image has"
             )
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         """Per-stage token counts for an image of ``image_tokens`` tokens in an LLM of ``num_layers`` layers.
 
-        ``grid`` is the image's patch grid ``(rows, cols)`` when known (only grid-shaped methods need it).
+        ``grids`` are the image's patch grids ``(rows, cols)`` when known (only grid-shaped methods need them).
         """
         raise NotImplementedError
 
@@ -161,7 +163,7 @@ class PruningMethod:
         tokens = adapter.default_image_tokens()
         if tokens is not None:
             self.check_image_tokens(tokens)
-            self.schedule(tokens, num_layers, adapter.default_grid())
+            self.schedule(tokens, num_layers, adapter.default_grids())
         if self.positions == "compact" and not adapter.supports_compact_positions:
             raise ValueError(
                 f"positions='compact' has no meaning for {adapter.family} (3-D M-RoPE positions); "

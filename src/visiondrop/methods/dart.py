@@ -52,7 +52,9 @@ class DART(PruningMethod):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         kept = one_boundary_count(self, image_tokens, num_layers, self.layer)
         return Schedule((Stage(0, image_tokens), Stage(self.layer, kept)), image_tokens, num_layers)

@@ -31,7 +31,9 @@ class DivPrune(PruningMethod):
         paper="Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, CVPR 2025",
     )
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 

@@ -51,7 +51,9 @@ class FastV(PruningMethod):
                 f"layer must be an int >= 1 (LLM layers that see every token), got {self.layer!r}"
             )
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         kept = one_boundary_count(self, image_tokens, num_layers, self.layer)
         return Schedule((Stage(0, image_tokens), Stage(self.layer, kept)), image_tokens, num_layers)

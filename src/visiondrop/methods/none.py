@@ -24,5 +24,7 @@ class NoPruning(PruningMethod):
     def check_image_tokens(self, image_tokens: int) -> None:
         """Any budget is fine: nothing is pruned."""
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         return Schedule((Stage(0, image_tokens, 0),), image_tokens, num_layers)

@@ -88,7 +88,9 @@ class PyramidDrop(PruningMethod):
             return None
         return hi
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         marks = self._marks(num_layers)
         if any(m >= num_layers for m in marks):

@@ -29,7 +29,9 @@ class RandomPruning(PruningMethod):
     name = "random"
     info = MethodInfo(stages="vision", signal="none", merges=False, paper="(baseline) seeded uniform subset")
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 
@@ -50,7 +52,9 @@ class Pooling(PruningMethod):
 
     The pooled grid is the one with the most cells ``h * w <= budget`` whose aspect ratio stays within 1.5x of the
     image grid's (:func:`~visiondrop.ops.pooled_grid_shape`): 8 x 8 = 64 at budget 64, 11 x 11 = 121 at 128,
-    12 x 16 at 192 for a 24 x 24 grid. The schedule and report give the count actually kept.
+    12 x 16 at 192 for a 24 x 24 grid. An image with several grids (LLaVA-NeXT: base view and high-resolution view)
+    shares the budget between them in proportion to their patches and pools each. The schedule and report give the
+    count actually kept.
     """
 
     budget: int | float = 64
@@ -59,38 +63,56 @@ class Pooling(PruningMethod):
     name = "pooling"
     info = MethodInfo(stages="vision", signal="none", merges=True, paper="(baseline) 2-D average pooling")
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
-        out_h, out_w = self.pooled_grid(image_tokens, grid)
-        return Schedule((Stage(0, 0, out_h * out_w),), image_tokens, num_layers)
+        cells = sum(h * w for h, w in self.pooled_grids(image_tokens, grids))
+        return Schedule((Stage(0, 0, cells),), image_tokens, num_layers)
 
-    def pooled_grid(self, image_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-        """The pooled ``(rows, cols)`` for an image of ``image_tokens`` patches on ``grid`` (default: square)."""
-        if grid is None:
+    def pooled_grids(
+        self, image_tokens: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> list[tuple[int, int]]:
+        """The pooled ``(rows, cols)`` of each of the image's grids (default: one square grid)."""
+        if not grids:
             side = round(image_tokens**0.5)
             if side * side != image_tokens:
                 raise ValueError(f"pooling needs the patch grid of an image with {image_tokens} tokens")
-            grid = (side, side)
+            grids = ((side, side),)
         budget = max(1, round(self.budget_tokens(image_tokens)))
-        return ops.pooled_grid_shape(grid[0], grid[1], budget)
+        patches = sum(h * w for h, w in grids)
+        return [ops.pooled_grid_shape(h, w, max(1, budget * h * w // patches)) for h, w in grids]
+
+    def pooled_grid(self, image_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The pooled ``(rows, cols)`` of a single-grid image."""
+        return self.pooled_grids(image_tokens, None if grid is None else (grid,))[0]
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
-        rows, cols = tokens.grid
-        out_h, out_w = self.pooled_grid(rows * cols, tokens.grid)
-        selection = ops.grid_pool_selection(
-            rows, cols, out_h, out_w, tokens.num_images, device=tokens.hidden.device
+        patch_index = tokens.patch_index
+        token_of_patch = torch.full(
+            (int(patch_index.max()) + 1,), -1, dtype=torch.long, device=patch_index.device
         )
-        offset = 1 if tokens.has_cls else 0
-        if offset:  # shift patch indices past [CLS], which is dropped
-            assign = torch.full(
-                (tokens.num_images, tokens.num_tokens), -1, dtype=torch.long, device=selection.assign.device
+        token_of_patch[patch_index[patch_index >= 0]] = torch.nonzero(patch_index >= 0).flatten()
+        anchors, assign = (
+            [],
+            torch.full(
+                (tokens.num_images, tokens.num_tokens), -1, dtype=torch.long, device=patch_index.device
+            ),
+        )
+        first_patch, slots = 0, 0
+        num_patches = sum(h * w for h, w in tokens.grids)
+        for (rows, cols), (out_h, out_w) in zip(
+            tokens.grids, self.pooled_grids(num_patches, tokens.grids), strict=True
+        ):
+            cell = ops.grid_pool_selection(
+                rows, cols, out_h, out_w, tokens.num_images, device=patch_index.device
             )
-            assign[:, offset:] = selection.assign
-            selection = ops.Selection(
-                keep=selection.keep,
-                anchors=selection.anchors + offset,
-                assign=assign,
-                merge="mean",
-                space="projected",
-            )
-        return selection
+            owners = token_of_patch[first_patch : first_patch + rows * cols]
+            anchors.append(owners[cell.anchors])
+            assign[:, owners] = cell.assign + slots
+            first_patch += rows * cols
+            slots += out_h * out_w
+        keep = torch.zeros(tokens.num_images, 0, dtype=torch.long, device=patch_index.device)
+        return ops.Selection(
+            keep=keep, anchors=torch.cat(anchors, dim=1), assign=assign, merge="mean", space="projected"
+        )

@@ -109,7 +109,9 @@ class VisionDrop(PruningMethod):
         return cls(budget=budget, **settings)
 
     # --- schedule -------------------------------------------------------------------------------------------
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         if self.stages is not None:
             return schedule_from_stages(self.stages, image_tokens, num_layers)
         self.check_image_tokens(image_tokens)

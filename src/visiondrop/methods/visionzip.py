@@ -63,7 +63,9 @@ class VisionZip(PruningMethod):
             if self.dominant < 1:
                 raise ValueError(f"dominant must be >= 1, got {self.dominant}")
 
-    def schedule(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Schedule:
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
         self.check_image_tokens(image_tokens)
         tokens = max(1, min(image_tokens, round(self.budget_tokens(image_tokens))))
         if self.dominant is not None:

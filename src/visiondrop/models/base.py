@@ -28,22 +28,45 @@ class ImageInfo:
     ----------
     tokens : int
         Placeholder tokens the unpruned model gives this image in the LLM.
-    grid : tuple of int
-        ``(rows, cols)`` of the patch grid that the report's kept positions index into (``rows * cols`` patches).
+    grids : tuple of (rows, cols)
+        The patch grids the report's kept positions index into, in placeholder order: patch ``p`` of the image is
+        cell ``p`` of the grids laid end to end (LLaVA-1.5: one 24 x 24 grid; LLaVA-NeXT: the base view, then the
+        unpadded high-resolution grid). Empty when unknown (features passed in by the caller).
     vit_tokens : tuple of int
-        Tokens of every vision-tower pass this image takes (one per crop), for the cost accounting; empty when
-        unknown (features passed in by the caller).
+        Tokens of every vision-tower pass this image takes (one per crop), for the cost accounting.
+    newlines : tuple of bool
+        Per grid, whether each of its rows is followed by one extra placeholder (LLaVA-NeXT's ``image_newline``).
     """
 
     tokens: int
-    grid: tuple[int, int]
+    grids: tuple[tuple[int, int], ...] = ()
     vit_tokens: tuple[int, ...] = ()
+    newlines: tuple[bool, ...] = ()
+
+    @property
+    def num_patches(self) -> int:
+        return sum(h * w for h, w in self.grids)
+
+    def placeholder_patches(self) -> list[int]:
+        """For each placeholder of the unpruned image, the patch it carries, or -1 (a newline, or unknown)."""
+        out: list[int] = []
+        patch = 0
+        for (rows, cols), newline in zip(
+            self.grids, self.newlines or (False,) * len(self.grids), strict=True
+        ):
+            for _ in range(rows):
+                out += range(patch, patch + cols)
+                patch += cols
+                if newline:
+                    out.append(-1)
+        return out if len(out) == self.tokens else [-1] * self.tokens
 
 
 class VisionTokens:
     """The visual tokens of a group of ``I`` images at the vision stage, before the projector.
 
-    Token index ``t`` of :attr:`hidden` is patch ``patch_index[t]`` of the image's grid (``-1`` for [CLS]).
+    Token index ``t`` of :attr:`hidden` is patch ``patch_index[t]`` of the image's grids (``-1`` for [CLS]) and takes
+    the place of placeholder ``placeholder_offset[t]`` of the image's run in the LLM input.
 
     Attributes
     ----------
@@ -51,14 +74,19 @@ class VisionTokens:
         Output of the layer the LVLM takes its features from (what the projector would receive, [CLS] included).
     has_cls : bool
         Whether token 0 is [CLS].
-    grid : tuple of int
-        ``(rows, cols)`` patch grid.
+    grids : tuple of (rows, cols)
+        The image's patch grids (see :class:`ImageInfo`).
     """
 
-    def __init__(self, hidden: torch.Tensor, *, has_cls: bool, grid: tuple[int, int]) -> None:
+    def __init__(self, hidden: torch.Tensor, *, has_cls: bool, grids: tuple[tuple[int, int], ...]) -> None:
         self.hidden = hidden
         self.has_cls = has_cls
-        self.grid = grid
+        self.grids = grids
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The first (for most families the only) patch grid."""
+        return self.grids[0]
 
     @property
     def num_images(self) -> int:
@@ -73,6 +101,11 @@ class VisionTokens:
         """LongTensor (n,): the grid patch of every token, ``-1`` for [CLS]."""
         offset = 1 if self.has_cls else 0
         return torch.arange(self.num_tokens, device=self.hidden.device) - offset
+
+    @cached_property
+    def placeholder_offset(self) -> torch.Tensor:
+        """LongTensor (n,): the placeholder each token stands for ([CLS] takes the first one's place)."""
+        return self.patch_index.clamp(min=0)
 
     @cached_property
     def patch_mask(self) -> torch.Tensor:
@@ -306,8 +339,8 @@ class ModelAdapter:
         """Visual tokens per image when the family has a fixed count (LLaVA-1.5: 576), else None."""
         return None
 
-    def default_grid(self) -> tuple[int, int] | None:
-        """The patch grid of every image when the family has a fixed one (LLaVA-1.5: 24 x 24), else None."""
+    def default_grids(self) -> tuple[tuple[int, int], ...] | None:
+        """The patch grids of every image when the family has fixed ones (LLaVA-1.5: 24 x 24), else None."""
         return None
 
     def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:

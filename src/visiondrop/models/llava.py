@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -24,10 +25,10 @@ class ClipVisionTokens(VisionTokens):
         layer: nn.Module,
         *,
         has_cls: bool,
-        grid: tuple[int, int],
-        project: callable,
+        grids: tuple[tuple[int, int], ...],
+        project: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        super().__init__(hidden, has_cls=has_cls, grid=grid)
+        super().__init__(hidden, has_cls=has_cls, grids=grids)
         self._input = layer_input
         self._layer = layer
         self._project = project
@@ -111,13 +112,13 @@ class LlavaAdapter(ModelAdapter):
     def default_image_tokens(self) -> int:
         return self.num_patches
 
-    def default_grid(self) -> tuple[int, int]:
-        return self.grid
+    def default_grids(self) -> tuple[tuple[int, int], ...]:
+        return (self.grid,)
 
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
         pixel_values = kwargs.get("pixel_values")
         count = 0 if pixel_values is None else pixel_values.shape[0]
-        return [ImageInfo(self.num_patches, self.grid, (self.num_patches + 1,))] * count
+        return [ImageInfo(self.num_patches, (self.grid,), (self.num_patches + 1,))] * count
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
@@ -137,7 +138,7 @@ class LlavaAdapter(ModelAdapter):
             out.hidden_states[self.feature_index - 1],
             self.scoring_layer,
             has_cls=True,
-            grid=self.grid,
+            grids=(self.grid,),
             project=self._project,
         )
         return [(list(range(hidden.shape[0])), tokens)]
