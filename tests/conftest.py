@@ -89,5 +89,28 @@ def generate(model, batch: dict, **kwargs) -> torch.Tensor:
     """Greedy generation of a few tokens, deterministic."""
     kwargs.setdefault("max_new_tokens", 6)
     kwargs.setdefault("do_sample", False)
+    # A random model can emit the placeholder id as text, which no real model does and which would make the
+    # placeholder count of a use_cache=False recomputation wrong for any model, pruned or not.
+    kwargs.setdefault("suppress_tokens", [IMAGE_TOKEN])
     with torch.no_grad():
         return model.generate(**batch, **kwargs)
+
+
+NEXT_SIZES = [(50, 100), (100, 60), (80, 80)]
+
+
+def next_batch(model, sizes=NEXT_SIZES, side: str = "left", seed: int = 1) -> dict:
+    """A ragged LLaVA-NeXT batch: one image; two images of other sizes; a prompt without an image."""
+    from visiondrop.tiny import llava_next_placeholders
+
+    n = [llava_next_placeholders(model, s) for s in sizes]
+    rows = [
+        [BOS, 5, *[IMAGE_TOKEN] * n[0], 7, 8],
+        [BOS, 5, 6, *[IMAGE_TOKEN] * n[1], 3, *[IMAGE_TOKEN] * n[2], 9],
+        [BOS, 4, 4, 4],
+    ]
+    batch = make_batch(rows, side=side)
+    gen = torch.Generator().manual_seed(seed)
+    batch["pixel_values"] = torch.randn(len(sizes), 5, 3, 56, 56, generator=gen)
+    batch["image_sizes"] = torch.tensor(sizes)
+    return batch

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..compat import uses_sliding_window
 
 __all__ = ["ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens"]
 
@@ -158,7 +159,7 @@ class TextStack:
 
     def layer_type(self, layer_idx: int) -> str:
         if self.layer_types is None:
-            return "full_attention"
+            return "sliding_attention" if uses_sliding_window(self.config) else "full_attention"
         return self.layer_types[layer_idx]
 
     def query_key(

@@ -1,0 +1,266 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes crops, unpadding and ``image_newline`` tokens.
+
+How an image reaches the LLM unpruned (transformers 5.x ``pack_image_features``): a 24 x 24 base view of the whole
+image, then the high-resolution grid stitched from ``nh x nw`` crops of 24 x 24 patches, unpadded to ``H' x W'``
+cells, each of its rows followed by one ``image_newline`` token: ``576 + H' * (W' + 1)`` placeholders.
+
+The policy visiondrop applies when a vision stage prunes an image (documented in the README):
+
+- **scoring per crop**: every crop is its own CLIP view with its own [CLS], so a patch is scored by its own crop's
+  [CLS] attention (or, with ``score="visual"``, by the attention it receives from its own crop's patches);
+- **one pool per image**: the dominant tokens are the top ones over all the image's patches (base view and the
+  unpadded high-resolution cells together; padded cells are never candidates), and the rest merge into contextual
+  tokens exactly as for LLaVA-1.5 (strided anchors over the remaining patches in placeholder order);
+- **packing**: surviving tokens keep placeholder order — base-view patches first, then high-resolution cells row by
+  row — dominant ones first, then the contextual ones in anchor order; the base view's [CLS] goes first when kept;
+- **newlines**: the ``image_newline`` tokens are dropped by a pruned vision stage (the grid rows they end no longer
+  exist). They count as visual tokens in the image's placeholder count, so a float budget is a share of all of them.
+  A vision stage that keeps everything leaves the image exactly as transformers packs it, newlines included, and
+  in-LLM stages treat newline tokens like any other visual token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..compat import vision_encoder_layers
+from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+
+__all__ = ["LlavaNextAdapter"]
+
+
+def _unpadded_window(image_size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
+    """Rows and columns of the high-resolution grid that survive unpadding: (row0, row1, col0, col1).
+
+    The same arithmetic as transformers' ``unpad_image`` (5.x): the padding added to fit the image's aspect ratio
+    into the crop grid is cut symmetrically.
+    """
+    height, width = image_size
+    if width / height > cols / rows:
+        new_height = int(round(height * (cols / width), 7))
+        pad = (rows - new_height) // 2
+        return pad, rows - pad, 0, cols
+    new_width = int(round(width * (rows / height), 7))
+    pad = (cols - new_width) // 2
+    return 0, rows, pad, cols - pad
+
+
+class NextVisionTokens(VisionTokens):
+    """One LLaVA-NeXT image: [CLS] of the base view, its 576 patches, then the unpadded high-resolution cells.
+
+    Every token is gathered from one crop's CLIP output; scores and keys come from that crop's own feature layer.
+    """
+
+    def __init__(
+        self,
+        crops_hidden: torch.Tensor,
+        crops_input: torch.Tensor,
+        layer: nn.Module,
+        source: torch.Tensor,
+        placeholder: torch.Tensor,
+        grids: tuple[tuple[int, int], ...],
+        project: Callable[[torch.Tensor], torch.Tensor],
+        image_size: tuple[int, int],
+    ) -> None:
+        """
+        Parameters
+        ----------
+        crops_hidden, crops_input : Tensor, shape (C, 1 + P, Dv)
+            Feature-layer output and scoring-layer input of the image's crops (base view first).
+        source : LongTensor, shape (n,)
+            Flat index ``crop * (1 + P) + token`` of each image token.
+        placeholder : LongTensor, shape (n,)
+            Placeholder offset of each token in the unpruned packed image.
+        """
+        self._crops_hidden = crops_hidden
+        self._crops_input = crops_input
+        self._layer = layer
+        self._source = source
+        self._project = project
+        flat = crops_hidden.reshape(-1, crops_hidden.shape[-1])
+        super().__init__(flat[source][None], has_cls=True, grids=grids)
+        self._placeholder = placeholder
+        self.image_size = image_size
+
+    @cached_property
+    def placeholder_offset(self) -> torch.Tensor:
+        return self._placeholder
+
+    @cached_property
+    def _qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self._layer.self_attn
+        normed = self._layer.layer_norm1(self._crops_input)
+        shape = (*normed.shape[:-1], attn.num_heads, attn.head_dim)
+        return attn.q_proj(normed).view(shape).transpose(1, 2), attn.k_proj(normed).view(shape).transpose(
+            1, 2
+        )
+
+    def _per_token(self, per_crop: torch.Tensor) -> torch.Tensor:
+        """(C, 1 + P, ...) values of every crop token -> (1, n, ...) for this image's tokens."""
+        flat = per_crop.reshape(-1, *per_crop.shape[2:])
+        return flat[self._source][None]
+
+    def cls_attention(self) -> torch.Tensor:
+        q, k = self._qk
+        scores = ops.cls_attention(q[:, :, :1], k, scale=self._layer.self_attn.scale)  # (C, P)
+        per_crop = torch.cat([scores.new_zeros(scores.shape[0], 1), scores], dim=1)
+        return self._per_token(per_crop)
+
+    def visual_attention(self) -> torch.Tensor:
+        q, k = self._qk
+        crops, _, n, _ = q.shape
+        patches = torch.arange(1, n, device=q.device).expand(crops, -1)
+        scores = ops.visual_attention(
+            q[:, :, 1:], k, None, patches, causal=False, scale=self._layer.self_attn.scale
+        )
+        per_crop = torch.cat([scores.new_zeros(crops, 1), scores], dim=1)
+        return self._per_token(per_crop)
+
+    def keys(self) -> torch.Tensor:
+        _, k = self._qk
+        return self._per_token(k.mean(1))
+
+    def projected(self) -> torch.Tensor:
+        return self._project(self.hidden)
+
+
+@register_adapter
+class LlavaNextAdapter(ModelAdapter):
+    """``LlavaNextForConditionalGeneration`` (llava-hf/llava-v1.6-vicuna-7b-hf, -mistral-7b-hf, ...)."""
+
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    family = "LLaVA-NeXT"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = self.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int)"
+            )
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: visiondrop supports 'default'"
+            )
+        vision = cfg.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.crop_pixels = vision.image_size
+        layers = vision_encoder_layers(model.model.vision_tower)
+        index = layer % (len(layers) + 1)
+        if index == 0:
+            raise ValueError(
+                f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
+            )
+        self.feature_index = index
+        self.scoring_layer = layers[index - 1]
+
+    @cached_property
+    def text(self) -> TextStack:
+        return TextStack(self.model.model.language_model)
+
+    def vision_kwargs(self) -> tuple[str, ...]:
+        return ("pixel_values", "image_sizes")
+
+    def _layout(self, image_size: tuple[int, int]) -> tuple[int, int, tuple[int, int, int, int]]:
+        """(nh, nw) crops of the high-resolution grid and its unpadded window."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        nh, nw = get_anyres_image_grid_shape(
+            list(image_size), self.config.image_grid_pinpoints, self.crop_pixels
+        )
+        window = _unpadded_window(image_size, nh * self.side, nw * self.side)
+        return nh, nw, window
+
+    def image_infos(self, kwargs: dict) -> list[ImageInfo]:
+        sizes = kwargs.get("image_sizes")
+        if kwargs.get("pixel_values") is None:
+            return []
+        if sizes is None:
+            raise ValueError(
+                "image_sizes is missing: LLaVA-NeXT needs each image's size (the processor returns it)"
+            )
+        infos = []
+        base = self.side * self.side
+        for size in torch.as_tensor(sizes).tolist():
+            nh, nw, (r0, r1, c0, c1) = self._layout(tuple(size))
+            rows, cols = r1 - r0, c1 - c0
+            infos.append(
+                ImageInfo(
+                    tokens=base + rows * (cols + 1),
+                    grids=((self.side, self.side), (rows, cols)),
+                    vit_tokens=(base + 1,) * (1 + nh * nw),
+                    newlines=(False, True),
+                )
+            )
+        return infos
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(hidden)
+
+    def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
+        pixel_values = kwargs["pixel_values"]
+        sizes = [tuple(s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
+        layouts = [self._layout(size) for size in sizes]
+        counts = [1 + nh * nw for nh, nw, _ in layouts]
+        if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded with unused crops
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts, strict=True)])
+        tower = self.model.model.vision_tower
+        out = tower(
+            pixel_values, output_hidden_states=[self.feature_index - 1, self.feature_index], return_dict=True
+        )
+        hidden = out.hidden_states[self.feature_index].split(counts)
+        inputs = out.hidden_states[self.feature_index - 1].split(counts)
+        groups = []
+        for image, ((nh, nw, window), h, x) in enumerate(zip(layouts, hidden, inputs, strict=True)):
+            source, placeholder = self._token_sources(nh, nw, window)
+            tokens = NextVisionTokens(
+                h,
+                x,
+                self.scoring_layer,
+                source.to(h.device),
+                placeholder.to(h.device),
+                ((self.side, self.side), (window[1] - window[0], window[3] - window[2])),
+                self._project,
+                sizes[image],
+            )
+            groups.append(([image], tokens))
+        return groups
+
+    def _token_sources(
+        self, nh: int, nw: int, window: tuple[int, int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat crop-token index and placeholder offset of every image token ([CLS], base patches, hi-res cells)."""
+        side, width = self.side, self.side * self.side + 1
+        r0, r1, c0, c1 = window
+        rows = torch.arange(r0, r1)[:, None]
+        cols = torch.arange(c0, c1)[None, :]
+        crop = 1 + (rows // side) * nw + cols // side  # hi-res crops follow the base view, row-major
+        token = 1 + (rows % side) * side + cols % side  # +1 skips each crop's [CLS]
+        hires = (crop * width + token).flatten()
+        source = torch.cat([torch.arange(width), hires])  # base [CLS] and patches, then the cells
+        cells_w = c1 - c0
+        cell = torch.arange(hires.numel())
+        hires_offset = side * side + (cell // cells_w) * (cells_w + 1) + cell % cells_w
+        placeholder = torch.cat([torch.tensor([0]), torch.arange(side * side), hires_offset])
+        return source, placeholder
+
+    def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
+        if selection is None:  # exactly what transformers packs: crops projected, unpadded, newlines appended
+            model = self.model.model
+            crops = self._project(tokens._crops_hidden[:, 1:])
+            packed, _ = model.pack_image_features(
+                [crops],
+                torch.tensor([tokens.image_size]),
+                vision_feature_select_strategy="default",
+                image_newline=model.image_newline,
+            )
+            return packed[0][None]
+        if selection.space == "projected":
+            return selection.apply(tokens.projected())
+        return self._project(selection.apply(tokens.hidden))

@@ -1,0 +1,132 @@
+"""LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL: the core's proofs on tiny random models, in padded batches of mixed sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import visiondrop as vd
+from conftest import NEXT_SIZES, generate, model_state, next_batch
+from visiondrop.models.llava_next import LlavaNextAdapter
+from visiondrop.tiny import tiny_llava_next
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def next_model(request):
+    model = tiny_llava_next(text=request.param)
+    with torch.no_grad():  # install transformers' lazy output-capturing hooks before any state snapshot
+        model(**next_batch(model), output_hidden_states=True)
+        model.model.vision_tower(torch.randn(1, 3, 56, 56), output_hidden_states=True)
+    return model
+
+
+def _counts(model) -> list[int]:
+    return [info.tokens for info in LlavaNextAdapter(model).image_infos(next_batch(model))]
+
+
+def test_next_placeholder_counts_are_what_transformers_packs(next_model):
+    batch = next_batch(next_model)
+    with torch.no_grad():
+        packed = next_model.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"]
+        ).pooler_output
+    assert [p.shape[0] for p in packed] == _counts(next_model)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: vd.build("none"), lambda: vd.VisionDrop(budget=1.0), lambda: vd.FastV(budget=1.0)]
+)
+def test_next_keeping_everything_is_bit_identical(next_model, make):
+    batch = next_batch(next_model)
+    with torch.no_grad():
+        reference = next_model(**batch).logits
+        tokens = generate(next_model, batch)
+        with make().apply(next_model):
+            assert torch.equal(next_model(**batch).logits, reference)
+            assert torch.equal(generate(next_model, batch), tokens)
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 30])
+@pytest.mark.parametrize("positions", ["compact", "preserve"])
+def test_next_cached_decode_equals_recomputation_with_exact_counts(next_model, budget, positions):
+    batch = next_batch(next_model)
+    method = vd.VisionDrop(budget=budget, positions=positions)
+    before = model_state(next_model)
+    with method.apply(next_model) as run:
+        cached = generate(next_model, batch, max_new_tokens=8)
+        full = generate(next_model, batch, max_new_tokens=8, use_cache=False)
+    assert torch.equal(cached, full)
+    assert model_state(next_model) == before
+    counts = _counts(next_model)
+    assert [len(s.images) for s in run.report.samples] == [1, 2, 0]
+    for im, n in zip(run.report.images, counts, strict=True):
+        schedule = method.schedule(n, 8, im.grids)
+        assert im.image_tokens == n and im.counts() == schedule.counts()
+        if isinstance(budget, float):  # a fraction of each image's own count
+            assert schedule.layer_average == pytest.approx(budget * n, abs=1)
+
+
+def _crop_cls_scores(model, batch) -> list[torch.Tensor]:
+    """Per image, each patch's score from its own crop's [CLS] (base view then unpadded cells), by hand."""
+    adapter = LlavaNextAdapter(model)
+    out = []
+    pixel = batch["pixel_values"]
+    for image, size in enumerate(NEXT_SIZES):
+        nh, nw, (r0, r1, c0, c1) = adapter._layout(size)
+        crops = pixel[image, : 1 + nh * nw]
+        tower = model.model.vision_tower
+        hs = tower(crops, output_hidden_states=True).hidden_states
+        idx = len(hs) - 1 + model.config.vision_feature_layer
+        layer = tower.encoder.layers[idx]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hs[idx])
+        q = attn.q_proj(x).view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        cls = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1).mean(1)[:, 0, 1:]  # (crops, 16)
+        side = 4
+        grid = cls[1:].view(nh, nw, side, side).permute(0, 2, 1, 3).reshape(nh * side, nw * side)
+        out.append(torch.cat([cls[0], grid[r0:r1, c0:c1].flatten()]))
+    return out
+
+
+def test_next_vision_stage_ranks_every_patch_by_its_own_crops_cls_and_drops_newlines(next_model):
+    batch = next_batch(next_model)
+    method = vd.VisionDrop(budget=0.5, keep_cls=False)
+    with torch.no_grad():
+        scores = _crop_cls_scores(next_model, batch)
+        with method.apply(next_model) as run:
+            next_model(**batch)
+    for im, s in zip(run.report.images, scores, strict=True):
+        view = im.stages[0]
+        dominant = view.tokens - view.contextual
+        assert view.kept_patches() == sorted(s.topk(dominant).indices.tolist())
+        assert (
+            -1 not in view.token_patch
+        )  # no newline token survives a pruned vision stage (and no [CLS] here)
+        assert all(o >= 0 for o in view.patch_owner)  # every patch kept or merged
+        assert len(view.patch_owner) == 16 + im.grids[1][0] * im.grids[1][1]
+
+
+def test_next_identity_stage_keeps_newlines_for_in_llm_methods(next_model):
+    batch = next_batch(next_model)
+    with vd.FastV(budget=0.5).apply(next_model) as run:
+        generate(next_model, batch)
+    first = run.report.images[0].stages[0]
+    rows = run.report.images[0].grids[1][0]
+    assert first.token_patch.count(-1) == rows  # one newline per high-resolution row
+
+
+def test_next_errors(next_model):
+    batch = next_batch(next_model)
+    smallest = min(_counts(next_model))
+    before = model_state(next_model)
+    with vd.VisionDrop(budget=smallest + 1).apply(next_model), pytest.raises(ValueError) as err:
+        generate(next_model, batch)
+    assert f"budget={smallest + 1} is more than the {smallest} visual tokens" in str(err.value)
+    del batch["image_sizes"]
+    with (
+        vd.VisionDrop(budget=0.5).apply(next_model),
+        pytest.raises(ValueError, match="image_sizes is missing"),
+    ):
+        generate(next_model, batch)
+    assert model_state(next_model) == before
