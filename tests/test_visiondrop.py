@@ -346,3 +346,20 @@ def test_a_single_prompt_without_a_mask_decodes_consistently(llava, positions):
         cached = generate(llava, batch, max_new_tokens=NEW)
         full = generate(llava, batch, max_new_tokens=NEW, use_cache=False)
     assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("positions", ["compact", "preserve"])
+def test_a_hand_written_decode_loop_matches_generate(llava, positions):
+    """model(...) with a cache, the caller's mask grown as for the unpruned model, as many decode loops do."""
+    batch = make_batch(RAGGED)
+    method = vd.VisionDrop(budget=16, positions=positions)
+    with method.apply(llava), torch.no_grad():
+        expected = _new_tokens(generate(llava, batch, max_new_tokens=5), batch)
+        out = llava(**batch)
+        cache, mask = out.past_key_values, batch["attention_mask"]
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(4):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = llava(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, dim=1), expected)

@@ -127,8 +127,8 @@ class _Vision:
     orig_ids: torch.Tensor | None = None  # (B, L) the caller's input_ids
     new_ids: torch.Tensor | None = None  # (B, L0)
     new_mask: torch.Tensor | None = None  # (B, L0) or None when no padding at all
-    new_positions: torch.Tensor | None = None  # (B, L0)
-    position_shift: torch.Tensor | None = None  # (B,) subtract from later original positions (compact)
+    new_positions: torch.Tensor | None = None  # (B, L0) or (P, B, L0) for M-RoPE
+    new_aligned: dict[str, torch.Tensor] = field(default_factory=dict)  # other per-token inputs, shrunk alike
 
     @property
     def counts(self) -> list[int]:
@@ -154,8 +154,10 @@ class _Vision:
             orig_ids=repeat(self.orig_ids),
             new_ids=repeat(self.new_ids),
             new_mask=repeat(self.new_mask),
-            new_positions=repeat(self.new_positions),
-            position_shift=repeat(self.position_shift),
+            new_positions=None
+            if self.new_positions is None
+            else self.new_positions.repeat_interleave(factor, dim=self.new_positions.dim() - 2),
+            new_aligned={k: repeat(v) for k, v in self.new_aligned.items()},
         )
 
 
@@ -244,6 +246,8 @@ class Session:
     ) -> None:
         self.method = method
         self.profile = profile
+        #: The position policy in force: the method's, with "auto" resolved for this model family.
+        self.positions = method.position_policy(adapter)
         self.model = model
         self.adapter = adapter
         self.text = adapter.text
@@ -335,6 +339,7 @@ class Session:
 
     # --- checks ---------------------------------------------------------------------------------------------
     def _check_forward_kwargs(self, kwargs: dict) -> None:
+        self.adapter.check_call(kwargs)
         if kwargs.get("labels") is not None:
             raise ValueError(
                 "labels: training or loss computation with pruned tokens is out of scope of visiondrop"
@@ -438,18 +443,18 @@ class Session:
         layout = Layout.build(spans, full_mask, {i: out.offsets for i, out in enumerate(outs)})
         new_ids = layout.gather(input_ids, fill=_pad_id(self.model.config))
         new_mask_bool = layout.gather(full_mask, fill=False)
-        if kwargs.get("position_ids") is not None:
+        positions = adapter.positions(kwargs, generate=generate)
+        if positions is None and kwargs.get("position_ids") is not None:
             positions = kwargs["position_ids"]
-        elif generate:
+        elif positions is None and generate:
             positions = hf_generate_positions(mask, *input_ids.shape, device)
-        else:
+        elif positions is None:
             positions = torch.arange(input_ids.shape[1], device=device).expand(input_ids.shape[0], -1)
-        if self.method.positions == "preserve":
+        if self.positions == "preserve":
             new_positions = layout.gather_positions(positions)
-            shift = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
         else:
             new_positions = layout.compact_positions(positions)
-            shift = full_mask.sum(1) - new_mask_bool.sum(1)
+        aligned = {k: layout.gather(kwargs[k]) for k in adapter.aligned_kwargs() if kwargs.get(k) is not None}
         if mask is None and bool(new_mask_bool.all()):
             new_mask = None
         else:
@@ -458,6 +463,7 @@ class Session:
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
         kwargs["position_ids"] = new_positions
+        kwargs.update(aligned)
         kwargs["mm_encoder_outputs"] = adapter.mm_encoder_outputs(features)
         for key in adapter.vision_kwargs():
             kwargs.pop(key, None)
@@ -471,7 +477,7 @@ class Session:
             new_ids=new_ids,
             new_mask=new_mask,
             new_positions=new_positions,
-            position_shift=shift,
+            new_aligned=aligned,
         )
 
     # --- generate -------------------------------------------------------------------------------------------
@@ -513,7 +519,11 @@ class Session:
         return out
 
     def _continue_prompt(self, kwargs: dict, vision: _Vision) -> None:
-        """Translate a continued conversation (previous prompt + answer + new turn) to the pruned prefix."""
+        """Translate a continued conversation (previous prompt + answer + new turn) to the pruned prefix.
+
+        The tokens after the prompt continue from the prompt's last position, one step per real token (on every
+        axis of M-RoPE positions), exactly as the decode steps that produced the answer did.
+        """
         ids = kwargs.get("input_ids")
         old = vision.orig_ids
         if ids is None or ids.shape[0] != old.shape[0] or ids.shape[1] < old.shape[1]:
@@ -526,15 +536,16 @@ class Session:
         prefix = old.shape[1]
         mask = kwargs.get("attention_mask")
         full = torch.ones_like(ids) if mask is None else mask
-        if kwargs.get("position_ids") is not None:
-            positions = kwargs["position_ids"]
-        else:
-            positions = hf_generate_positions(full, *ids.shape, ids.device)
+        tail = full[:, prefix:]
         old_mask = vision.new_mask if vision.new_mask is not None else torch.ones_like(vision.new_ids)
         kwargs["input_ids"] = torch.cat([vision.new_ids, ids[:, prefix:]], dim=1)
-        kwargs["attention_mask"] = torch.cat([old_mask.to(full.dtype), full[:, prefix:]], dim=1)
-        shifted = positions[:, prefix:] - vision.position_shift[:, None]
-        kwargs["position_ids"] = torch.cat([vision.new_positions, shifted], dim=1)
+        kwargs["attention_mask"] = torch.cat([old_mask.to(full.dtype), tail], dim=1)
+        steps = tail.long().cumsum(-1)
+        last = vision.new_positions[..., -1:]
+        kwargs["position_ids"] = torch.cat([vision.new_positions, last + steps], dim=-1)
+        for key, value in vision.new_aligned.items():
+            if kwargs.get(key) is not None:
+                kwargs[key] = torch.cat([value, kwargs[key][:, prefix:]], dim=1)
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -563,6 +574,13 @@ class Session:
                 vision = self.pending.expanded(rows // self.pending.batch)
             else:  # features the caller encoded: no vision stage, in-LLM stages only
                 vision = self._encoded_by_caller(kwargs)
+        if (
+            record is not None
+            and not self._generating
+            and record.vision is not None
+            and record.vision.changed
+        ):
+            _translate_manual_step(kwargs, record.vision, cache)
         if (vision is not None or record is not None) and kwargs.get("attention_mask") is None:
             _explicit_mask(kwargs, cache)
         if vision is not None:
@@ -632,6 +650,32 @@ def _check_selection(selection: ops.Selection, stage: Stage, where: str) -> None
         raise RuntimeError(
             f"{where}: method returned {selection.num_kept}+{selection.num_merged} tokens, schedule says {stage}"
         )
+
+
+def _translate_manual_step(kwargs: dict, vision: _Vision, cache: Any) -> None:
+    """A forward call continuing a pruned prefill by hand (outside ``generate``), e.g. a decode loop.
+
+    The caller builds its mask for the unpruned prompt; the cache holds the pruned one. Mask columns of the pruned
+    prompt are swapped for the pruned prompt's, and missing positions continue from the prompt's last position as
+    ``generate()`` would make them.
+    """
+    ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    query = ids.shape[1]
+    past = cache.get_seq_length()
+    pruned, original = vision.new_ids.shape[1], vision.orig_ids.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.shape[1] == past + query + original - pruned:
+        head = vision.new_mask if vision.new_mask is not None else torch.ones_like(vision.new_ids)
+        mask = torch.cat([head.to(mask.dtype), mask[:, original:]], dim=1)
+        kwargs["attention_mask"] = mask
+    if kwargs.get("position_ids") is None:
+        full = (
+            mask
+            if mask is not None
+            else torch.ones(ids.shape[0], past + query, dtype=torch.long, device=ids.device)
+        )
+        steps = full[:, pruned:].long().cumsum(-1)[:, -query:]
+        kwargs["position_ids"] = vision.new_positions[..., -1:] + steps
 
 
 def _explicit_mask(kwargs: dict, cache: Any) -> None:
@@ -787,7 +831,7 @@ class _Prefill:
         cols = torch.cat([torch.arange(placed[i][1].start, placed[i][1].end, device=device) for i in outputs])
         new_hidden[rows, cols] = torch.cat([outputs[i] for i in outputs]).to(new_hidden.dtype)
         new_mask = layout.gather(mask2d, fill=False)
-        if session.method.positions == "preserve":
+        if session.positions == "preserve":
             new_cos, new_sin = layout.gather(cos), layout.gather(sin)
             new_positions = None if positions is None else layout.gather_positions(positions)
         else:
@@ -944,7 +988,7 @@ class _Decode:
     def _state(self, stage: _StageRecord, hidden: torch.Tensor, kwargs: dict) -> _StageState:
         session = self.session
         mask2d = torch.cat([stage.mask, self.tail], dim=1)
-        if session.method.positions == "compact" and self.positions.dim() == 2:
+        if session.positions == "compact" and self.positions.dim() == 2:
             positions = self.positions - stage.dropped[:, None]
             cos_sin = session.text.rotary_emb(hidden, positions)
         else:

@@ -128,3 +128,124 @@ def llava_next_placeholders(model, image_size: tuple[int, int]) -> int:
         .image_infos({"pixel_values": True, "image_sizes": torch.tensor([image_size])})[0]
         .tokens
     )
+
+
+#: Special ids of the tiny Qwen models (vocabulary of 100).
+QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO = 96, 97, 98
+
+
+def tiny_qwen2_vl_config(
+    *, version: str = "2", layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3
+):
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``, window attention) shaped config: 2 ViT blocks of width 32,
+    2x2 patch merger, an 8-layer Qwen2 LLM of width 64 with M-RoPE."""
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=100,
+        max_position_embeddings=4096,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=init,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+    )
+    if version == "2":
+        from transformers import Qwen2VLConfig
+
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            initializer_range=init,
+        )
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            initializer_range=init,
+        )
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_qwen2_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random Qwen2-VL / Qwen2.5-VL from :func:`tiny_qwen2_vl_config`, in eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_qwen2_vl_config(**config_kwargs)
+    cls = (
+        Qwen2VLForConditionalGeneration
+        if config.model_type == "qwen2_vl"
+        else Qwen2_5_VLForConditionalGeneration
+    )
+    model = cls(config).eval().to(dtype)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left") -> dict:
+    """A padded Qwen batch. ``rows`` mix token ids and the marker ``"image"``, which expands to
+    ``<vision_start> <image>*n <vision_end>`` for the next grid ``(h, w)`` in patches (even numbers)."""
+    expanded, types = [], []
+    grid_iter = iter(grids)
+    for row in rows:
+        ids, kinds = [], []
+        for item in row:
+            if item == "image":
+                h, w = next(grid_iter)
+                n = h * w // 4
+                ids += [QWEN_VISION_START, *[IMAGE_TOKEN] * n, QWEN_VISION_END]
+                kinds += [0, *[1] * n, 0]
+            else:
+                ids.append(item)
+                kinds.append(0)
+        expanded.append(ids)
+        types.append(kinds)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    mm_types = torch.zeros_like(input_ids)
+    for i, (ids, kinds) in enumerate(zip(expanded, types, strict=True)):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+        mm_types[i, cols] = torch.tensor(kinds)
+    gen = torch.Generator().manual_seed(seed)
+    patches = sum(h * w for h, w in grids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": mm_types,
+        "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=gen),
+        "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
+    }

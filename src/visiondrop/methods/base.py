@@ -99,8 +99,11 @@ class PruningMethod:
     #: Registry name.
     name: ClassVar[str] = ""
     info: ClassVar[MethodInfo]
-    #: ``compact`` renumbers positions after each stage; ``preserve`` keeps the original ones.
-    positions: str = dataclasses.field(default="compact", init=False, repr=False)
+    #: Position policy (SPEC §5): ``compact`` renumbers positions after each stage, ``preserve`` keeps the original
+    #: ones, ``auto`` is compact where the model's positions are 1-D and preserve for M-RoPE models.
+    positions: str = dataclasses.field(default="auto", init=False, repr=False)
+    #: Whether the method ranks by [CLS] attention and so needs a vision encoder with [CLS].
+    requires_cls: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -157,6 +160,12 @@ class PruningMethod:
         raise NotImplementedError(f"{self.name} does not prune inside the LLM")
 
     # --- use ------------------------------------------------------------------------------------------------
+    def position_policy(self, adapter: ModelAdapter) -> str:
+        """The position policy for this model: ``positions`` with ``auto`` resolved."""
+        if self.positions == "auto":
+            return "compact" if adapter.supports_compact_positions else "preserve"
+        return self.positions
+
     def check_model(self, adapter: ModelAdapter) -> None:
         """Errors that need the model but no input: budget vs. the family's token count, schedule vs. layers."""
         num_layers = adapter.text.num_layers
@@ -164,10 +173,14 @@ class PruningMethod:
         if tokens is not None:
             self.check_image_tokens(tokens)
             self.schedule(tokens, num_layers, adapter.default_grids())
-        if self.positions == "compact" and not adapter.supports_compact_positions:
+        if self.position_policy(adapter) == "compact" and not adapter.supports_compact_positions:
             raise ValueError(
                 f"positions='compact' has no meaning for {adapter.family} (3-D M-RoPE positions); "
-                "use positions='preserve'"
+                "use positions='preserve' or 'auto'"
+            )
+        if self.requires_cls and not adapter.has_cls:
+            raise ValueError(
+                f"{self.name} ranks patches by [CLS] attention and {adapter.family}'s vision encoder has no [CLS]"
             )
 
     def apply(self, model: torch.nn.Module, *, profile: bool = False) -> AbstractContextManager[Run]:

@@ -22,9 +22,9 @@ from .base import MethodInfo, PruningMethod, register
 
 __all__ = ["VisionDrop"]
 
-_SCORES = ("cls", "visual")
+_SCORES = ("auto", "cls", "visual")
 _MERGES = ("reference", "mean")
-_POSITIONS = ("compact", "preserve")
+_POSITIONS = ("auto", "compact", "preserve")
 
 
 @register
@@ -41,22 +41,25 @@ class VisionDrop(PruningMethod):
         ``"average"`` (layer-average, the paper's convention) or ``"input"`` (tokens entering the LLM).
     stages : sequence, optional
         An explicit schedule: ``[(d0, c0), (layer, d, c), ...]`` — the vision stage's dominant/contextual counts,
-        then one ``(layer, dominant, contextual)`` per boundary after LLM layer ``layer``. ``None`` derives it from
-        the budget (:func:`~visiondrop.schedule.derive_visiondrop_schedule`); the authors' published budget-32
+        then one ``(layer, dominant, contextual)`` per boundary after LLM layer ``layer``; it replaces the budget.
+        ``None`` derives it from the budget (:func:`~visiondrop.schedule.derive_visiondrop_schedule`); the authors' published budget-32
         schedule is :data:`~visiondrop.schedule.PUBLISHED_SCHEDULE` and also what the rule gives for 32 layers.
     boundaries : sequence of int, optional
         Layers after which derived schedules prune (default L/4, L/2, 3L/4). Empty: vision stage only.
     score : str
-        Vision-stage score: ``"cls"`` ([CLS] attention to the patches; the release) or ``"visual"`` (mean attention
-        every patch receives from all patches; the paper's wording, the only choice without a [CLS]).
+        Vision-stage score: ``"cls"`` ([CLS] attention to the patches; the release), ``"visual"`` (mean attention
+        every patch receives from all patches; the paper's wording, the only choice without a [CLS]) or ``"auto"``
+        (``cls`` when the encoder has a [CLS], else ``visual``: Qwen2-VL).
     keep_cls : bool
-        Pass [CLS] on to the LLM as one of the dominant tokens (the release). Plain LLaVA drops [CLS].
+        Pass [CLS] on to the LLM as one of the dominant tokens (the release). Plain LLaVA drops [CLS]. Ignored for
+        encoders without [CLS].
     merge : str
         Contextual token = ``"reference"``: anchor + mean(members) (the release) or ``"mean"``: mean over anchor and
         members.
     positions : str
         ``"compact"``: renumber positions after each stage (the release); ``"preserve"``: kept tokens keep their
-        original positions, a merged token its anchor's.
+        original positions, a merged token its anchor's; ``"auto"``: compact for 1-D RoPE models, preserve for
+        M-RoPE models (Qwen2-VL), where compact has no meaning.
     debias : bool
         Beyond the paper: average each in-LLM score column over only the image queries that can see it under the
         causal mask, removing the bias toward early image tokens (SPEC §4.2).
@@ -66,10 +69,10 @@ class VisionDrop(PruningMethod):
     budget_mode: str = "average"
     stages: Sequence[Any] | None = None
     boundaries: Sequence[int] | None = None
-    score: str = "cls"
+    score: str = "auto"
     keep_cls: bool = True
     merge: str = "reference"
-    positions: str = "compact"
+    positions: str = "auto"
     debias: bool = False
 
     name = "visiondrop"
@@ -128,6 +131,10 @@ class VisionDrop(PruningMethod):
             boundaries=self.boundaries,
         )
 
+    def check_image_tokens(self, image_tokens: int) -> None:
+        if self.stages is None:  # an explicit schedule replaces the budget (and is checked against the image)
+            super().check_image_tokens(image_tokens)
+
     def first_boundary(self, num_layers: int) -> int | None:
         if self.stages is not None:
             layers = [s.layer if isinstance(s, Stage) else s[0] for s in self.stages[1:]]
@@ -138,10 +145,15 @@ class VisionDrop(PruningMethod):
         return min(layers) if layers else None
 
     # --- selection ------------------------------------------------------------------------------------------
+    def check_model(self, adapter) -> None:
+        super().check_model(adapter)
+        if self.score == "cls" and not adapter.has_cls:
+            raise ValueError(
+                f"score='cls' needs a vision encoder with [CLS] and {adapter.family}'s has none; use 'visual' or 'auto'"
+            )
+
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
-        if self.score == "cls":
-            if not tokens.has_cls:
-                raise ValueError("score='cls' needs a vision encoder with a [CLS] token; use score='visual'")
+        if self.score == "cls" or (self.score == "auto" and tokens.has_cls):
             scores = tokens.cls_attention()
         else:
             scores = tokens.visual_attention()

@@ -39,6 +39,7 @@ class VisionZip(PruningMethod):
     contextual: int | None = None
 
     name = "visionzip"
+    requires_cls = True
     info = MethodInfo(
         stages="vision",
         signal="visual-only",

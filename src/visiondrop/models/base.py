@@ -317,6 +317,8 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     #: Whether ``positions="compact"`` has a meaning for this family (not for M-RoPE models).
     supports_compact_positions: ClassVar[bool] = True
+    #: Whether the vision encoder has a [CLS] token ([CLS]-ranked methods need one).
+    has_cls: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -372,6 +374,20 @@ class ModelAdapter:
     def vision_kwargs(self) -> tuple[str, ...]:
         """Forward kwargs that carry images and must not reach the model once the vision stage consumed them."""
         return ("pixel_values",)
+
+    def aligned_kwargs(self) -> tuple[str, ...]:
+        """Other per-token inputs (B, L) that must shrink with ``input_ids`` (Qwen2-VL: ``mm_token_type_ids``)."""
+        return ()
+
+    def check_call(self, kwargs: dict) -> None:
+        """Refuse inputs the family's adapter does not handle (one-line ValueError)."""
+
+    def positions(self, kwargs: dict, *, generate: bool) -> torch.Tensor | None:
+        """Positions of the unpruned sequence when the family computes its own (M-RoPE), else None.
+
+        ``generate`` tells whether they are for ``generate()`` (which may want a different layout) or a forward call.
+        """
+        return None
 
 
 #: Adapter classes, looked up by the model's class name.
