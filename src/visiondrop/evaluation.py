@@ -1,0 +1,194 @@
+"""Accuracy of methods x budgets on the testbed (``visiondrop eval``), with retention against the unpruned model.
+
+A *method spec* names a registered method and optionally fixes some of its fields, with ``:`` between settings:
+``visiondrop``, ``visiondrop:score=visual``, ``visiondrop:merge=mean:positions=preserve``, ``fastv:layer=1``,
+``visiondrop:boundaries=`` (an empty tuple: the vision stage only). Each spec runs at every budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .methods import build, method_class
+
+__all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_value(text: str) -> Any:
+    """``"true"`` -> True, ``"12"`` -> 12, ``"0.5"`` -> 0.5, ``""`` / ``"()"`` -> (), ``"8/16"`` -> (8, 16), else str."""
+    raw = text.strip()
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw in ("", "()", "[]"):
+        return ()
+    if "/" in raw:
+        return tuple(parse_value(part) for part in raw.split("/"))
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            continue
+    return raw
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry name and fixed field values, e.g. ``visiondrop:score=visual``."""
+
+    name: str
+    fields: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.fields:
+            return self.name
+        return self.name + ":" + ":".join(f"{k}={_text(v)}" for k, v in self.fields)
+
+    def build(self, budget: int | float, budget_mode: str):
+        return build(self.name, budget=budget, budget_mode=budget_mode, **dict(self.fields))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """Parse ``name[:key=value]...``; ValueError naming the spec for unknown names or malformed settings."""
+    parts = text.strip().split(":")
+    name = parts[0].strip().lower()
+    method_class(name)  # unknown names fail here, naming the available ones
+    fields = []
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ValueError(f"method spec {text!r}: settings are key=value, got {part!r}")
+        key, value = part.split("=", 1)
+        fields.append((key.strip(), parse_value(value)))
+    return MethodSpec(name, tuple(fields))
+
+
+def run_eval(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    specs: Sequence[MethodSpec],
+    budgets: Sequence[int | float],
+    *,
+    budget_mode: str = "average",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy of the unpruned model and of every spec at every budget, on the same samples.
+
+    Returns
+    -------
+    list of dict
+        One row per run: ``method`` (the spec's label; ``"none"`` for the unpruned row), ``budget``,
+        ``budget_mode``, ``accuracy``, ``n``, ``per_type``, ``schedule`` (what the method kept, all three
+        conventions) and ``retention`` (accuracy / unpruned accuracy). A combination a method cannot run (e.g. a
+        layer-average below FastV's floor) gives a row with ``error`` instead of an accuracy.
+    """
+    from .testbed import evaluate
+
+    rows: list[dict[str, Any]] = []
+    base = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)
+    rows.append(_row("none", None, None, base, None))
+    for spec in specs:
+        for budget in budgets:
+            try:
+                method = spec.build(budget, budget_mode)
+                with method.apply(model) as run:
+                    result = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)
+            except ValueError as err:
+                logger.warning("%s at budget %s (%s): %s", spec.label, budget, budget_mode, err)
+                rows.append(
+                    {"method": spec.label, "budget": budget, "budget_mode": budget_mode, "error": str(err)}
+                )
+                continue
+            rows.append(_row(spec.label, budget, budget_mode, result, run.report))
+    for row in rows:
+        if "accuracy" in row:
+            row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else math.nan
+    return rows
+
+
+def _row(label: str, budget: Any, mode: Any, result: dict, report: Any) -> dict[str, Any]:
+    row = {
+        "method": label,
+        "budget": budget,
+        "budget_mode": mode,
+        "accuracy": result["accuracy"],
+        "n": result["n"],
+        "per_type": result["per_type"],
+    }
+    if report is not None and report.images:
+        image = report.images[0]
+        row["schedule"] = {
+            "counts": image.counts(),
+            "input": image.input_count,
+            "layer_average": image.layer_average,
+            "final": image.final_count,
+        }
+        if report.flops:
+            row["flops_ratio"] = report.flops["ratio"]
+    return row
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """An accuracy table (methods x budgets, with retention) and a per-question-type table."""
+    base = next(r for r in rows if r["method"] == "none")
+    budgets = []
+    for r in rows:
+        if r["method"] != "none" and r["budget"] not in budgets:
+            budgets.append(r["budget"])
+    labels = []
+    for r in rows:
+        if r["method"] != "none" and r["method"] not in labels:
+            labels.append(r["method"])
+    mode = next((r["budget_mode"] for r in rows if r["method"] != "none"), "average")
+    lines = [
+        f"Accuracy (retention vs. unpruned {base['accuracy']:.3f}), n = {base['n']}, budget mode: {mode}",
+        "",
+        "| method | " + " | ".join(str(b) for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    notes = []
+    for label in labels:
+        cells = []
+        for budget in budgets:
+            row = next((r for r in rows if r["method"] == label and r["budget"] == budget), None)
+            if row is None:
+                cells.append("")
+            elif "error" in row:
+                notes.append(f"{label} at {budget}: {row['error']}")
+                cells.append(f"n/a [{len(notes)}]")
+            else:
+                avg = row.get("schedule", {}).get("layer_average")
+                kept = f", avg {avg:.0f}" if avg is not None else ""
+                cells.append(f"{row['accuracy']:.3f} ({100 * row['retention']:.1f}%{kept})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
+    types = list(base["per_type"])
+    lines += [
+        "",
+        "Per question type:",
+        "",
+        "| method | budget | " + " | ".join(types) + " |",
+        "|---|---|" + "---|" * len(types),
+    ]
+    for row in rows:
+        if "error" in row:
+            continue
+        budget = "-" if row["budget"] is None else row["budget"]
+        cells = " | ".join(f"{row['per_type'].get(t, math.nan):.3f}" for t in types)
+        lines.append(f"| {row['method']} | {budget} | {cells} |")
+    return "\n".join(lines)

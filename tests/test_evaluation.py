@@ -1,0 +1,58 @@
+"""The eval harness: method specs, result rows and tables (the runs themselves are exercised in test_testbed)."""
+
+from __future__ import annotations
+
+import pytest
+
+import visiondrop as vd
+from visiondrop.evaluation import MethodSpec, markdown_tables, parse_method_spec, parse_value
+
+
+def test_values_and_specs_parse():
+    assert parse_value("true") is True and parse_value("12") == 12 and parse_value("0.5") == 0.5
+    assert parse_value("") == () and parse_value("8/16") == (8, 16) and parse_value("mean") == "mean"
+    spec = parse_method_spec("visiondrop:score=visual:boundaries=")
+    assert spec == MethodSpec("visiondrop", (("score", "visual"), ("boundaries", ())))
+    assert spec.label == "visiondrop:score=visual:boundaries="
+    method = spec.build(64, "average")
+    assert isinstance(method, vd.VisionDrop) and method.score == "visual" and method.boundaries == ()
+    assert method.schedule(576, 32).counts() == [64]  # vision stage only: the average is the input count
+    assert parse_method_spec("FastV:layer=1").build(64, "input").layer == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"), [("fastvv", "unknown method 'fastvv'"), ("fastv:layer", "key=value")]
+)
+def test_bad_specs_name_the_problem(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_method_spec(text)
+
+
+def test_tables_show_retention_and_explain_missing_cells():
+    base = {
+        "method": "none",
+        "budget": None,
+        "budget_mode": None,
+        "accuracy": 0.8,
+        "n": 10,
+        "per_type": {"color": 0.9, "count": 0.7},
+        "retention": 1.0,
+    }
+    rows = [
+        base,
+        {
+            "method": "visiondrop",
+            "budget": 64,
+            "budget_mode": "average",
+            "accuracy": 0.76,
+            "n": 10,
+            "per_type": {"color": 0.9, "count": 0.62},
+            "retention": 0.95,
+            "schedule": {"layer_average": 64.0},
+        },
+        {"method": "fastv", "budget": 64, "budget_mode": "average", "error": "out of reach (lowest: 144.0)"},
+    ]
+    table = markdown_tables(rows)
+    assert "| visiondrop | 0.760 (95.0%, avg 64) |" in table
+    assert "| fastv | n/a [1] |" in table and "[1] fastv at 64: out of reach (lowest: 144.0)" in table
+    assert "| none | - | 0.900 | 0.700 |" in table
