@@ -257,8 +257,9 @@ class Session:
         self.pending: _Vision | None = None
         self._handles: list[Any] = []
         self._schedules: dict[tuple[int, tuple], Schedule] = {}
-        self._saved_generate: Any = None
-        self._had_generate = False
+        # A per-instance generate set by someone else (accelerate-style wrappers) is put back on exit.
+        self._had_generate = "generate" in model.__dict__
+        self._saved_generate: Any = model.__dict__.get("generate")
         self._generating = self._reported = False
         self.dtype = next(model.parameters()).dtype
         self._forward_signature = inspect.signature(model.forward)
@@ -305,8 +306,6 @@ class Session:
                     self._handles.append(
                         self.text.layers[idx].register_forward_pre_hook(hook, with_kwargs=True)
                     )
-            self._had_generate = "generate" in model.__dict__
-            self._saved_generate = model.__dict__.get("generate")
             original = model.generate
             session = self
 
@@ -355,7 +354,7 @@ class Session:
             raise ValueError(
                 f"attention_mask of shape {tuple(mask.shape)}: visiondrop needs a 2-D padding mask"
             )
-        has_images = any(kwargs.get(k) is not None for k in self.adapter.vision_kwargs())
+        has_images = kwargs.get("pixel_values") is not None
         if has_images and kwargs.get("input_ids") is None:
             raise ValueError(
                 "inputs_embeds with images: visiondrop needs input_ids to find the <image> placeholders"
@@ -495,7 +494,7 @@ class Session:
         caller_ids = kwargs.get("input_ids")
         cache = kwargs.get("past_key_values")
         record = self.records.get(cache) if cache is not None else None
-        has_images = any(kwargs.get(k) is not None for k in self.adapter.vision_kwargs())
+        has_images = kwargs.get("pixel_values") is not None
         vision = None
         if record is not None:
             if has_images:
@@ -556,7 +555,7 @@ class Session:
         self._check_forward_kwargs(kwargs)
         cache = kwargs.get("past_key_values")
         record = self.records.get(cache) if cache is not None else None
-        has_images = any(kwargs.get(k) is not None for k in self.adapter.vision_kwargs())
+        has_images = kwargs.get("pixel_values") is not None
         vision: _Vision | None = None
         if has_images:
             if record is not None or (cache is not None and cache.get_seq_length() > 0):
