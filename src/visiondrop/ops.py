@@ -171,22 +171,19 @@ def visual_attention(
     if causal:
         cols = torch.arange(total_keys, device=q.device)
         mask &= cols[None, None, :] <= query_pos[:, :, None]
-    probs_sum = torch.zeros(num_images, n, n, dtype=torch.float32, device=q.device)
+    # Only column sums are kept (over heads and queries): memory stays O(n * T) per head chunk, never O(H * n * T).
+    received = torch.zeros(num_images, n, dtype=torch.float32, device=q.device)
     step = _head_chunks(num_heads, n, total_keys, num_images)
-    gather_idx = query_pos[:, None, :].expand(-1, n, -1)
     for h0 in range(0, num_heads, step):
-        logits = (
-            torch.matmul(q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float().transpose(-1, -2)) * scale
-        )
+        logits = torch.matmul(q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float().transpose(-1, -2)) * scale
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).sum(1)  # (I, n, T), summed over this chunk of heads
-        probs_sum += probs.gather(2, gather_idx)
-    probs_img = probs_sum / num_heads  # (I, n queries, n image keys)
-    if not debias or not causal:
-        return probs_img.mean(1)
-    # Under the causal mask image key j is seen by image queries j..n-1 only: average over those.
-    seen_by = torch.arange(n, 0, -1, device=q.device, dtype=torch.float32)
-    return probs_img.sum(1) / seen_by
+        probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (I, T): summed over this chunk's heads and queries
+        received += probs.gather(1, query_pos)
+    received /= num_heads
+    if debias and causal:
+        # Under the causal mask image key j is seen by image queries j..n-1 only: average over those.
+        return received / torch.arange(n, 0, -1, device=q.device, dtype=torch.float32)
+    return received / n
 
 
 def query_attention(
