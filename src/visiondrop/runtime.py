@@ -742,15 +742,13 @@ class _Prefill:
         self.mask2d: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.dropped: torch.Tensor | None = None
-        self.initial_length: int | None = None
+        self.initial_length = width  # the sequence every layer before the first boundary sees
         self.stage_records: list[_StageRecord] = []
         # Per boundary: layer and per-image (stage, selection or None, n before) for the report.
         self.history: list[tuple[int, dict[int, tuple[Stage, ops.Selection | None, int]]]] = []
 
     # Called by every hooked layer, in order.
     def enter_layer(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if self.initial_length is None:
-            self.initial_length = hidden.shape[1]
         if idx in self.boundaries:
             with self.session.timed("llm_select_s"):
                 hidden = self._boundary(idx, hidden, kwargs)
@@ -849,7 +847,7 @@ class _Prefill:
 
     def cache_record(self) -> _CacheRecord:
         return _CacheRecord(
-            vision=self.vision, prefill_length=self.initial_length or 0, stages=list(self.stage_records)
+            vision=self.vision, prefill_length=self.initial_length, stages=list(self.stage_records)
         )
 
     # --- report ---------------------------------------------------------------------------------------------
