@@ -1,13 +1,28 @@
 """Every transformers-version branch in one place, each with the version that forced it.
 
-Tested range: transformers 5.23 (pinned ``>=5.23,<6`` in pyproject.toml).
+Tested range: transformers 5.23 and 5.24 (pinned ``>=5.23,<5.25`` in pyproject.toml).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import inspect
+from typing import Any
 
-__all__ = ["qwen_window_index", "uses_sliding_window", "vision_encoder_layers"]
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+#: transformers 5.24 renamed the models' and masks' ``past_key_values`` argument to ``cache`` (the old name stays
+#: accepted by the models' forward and by generate(), with a warning, until 5.40).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+__all__ = [
+    "cache_of",
+    "causal_mask",
+    "output_cache",
+    "qwen_window_index",
+    "uses_sliding_window",
+    "vision_encoder_layers",
+]
 
 
 def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -50,3 +65,26 @@ def qwen_window_index(visual, grid_thw):
         patch_size=visual.patch_size,
     )
     return index
+
+
+def cache_of(kwargs: dict) -> Any:
+    """The KV cache a forward/generate call was given, under either name (transformers 5.23 or 5.24+)."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output carries (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    if isinstance(output, tuple):  # return_dict=False
+        return next((o for o in output if hasattr(o, "get_seq_length")), None)
+    # ModelOutput is a dict of its non-None fields; reading the key avoids 5.24's deprecation warning.
+    return next((output[name] for name in ("cache", "past_key_values") if name in output), None)
+
+
+def causal_mask(sliding: bool, **kwargs: Any) -> Any:
+    """``create_causal_mask`` / ``create_sliding_window_causal_mask`` with the cache under this version's name."""
+    cache = kwargs.pop("cache")
+    make = create_sliding_window_causal_mask if sliding else create_causal_mask
+    return make(**kwargs, **{CACHE_KWARG: cache})

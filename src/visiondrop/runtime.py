@@ -31,9 +31,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from . import flops, ops
+from .compat import cache_of, causal_mask, output_cache
 from .layout import Layout, Span, find_image_spans, hf_generate_positions
 from .models import get_adapter
 from .models.base import ImageInfo, LLMTokens, ModelAdapter, VisionTokens
@@ -343,7 +343,7 @@ class Session:
             raise ValueError(
                 "labels: training or loss computation with pruned tokens is out of scope of visiondrop"
             )
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(
                 f"past_key_values={type(cache).__name__}: a static cache cannot hold the shorter per-layer lengths "
@@ -492,7 +492,7 @@ class Session:
         self._check_generate_kwargs(kwargs)
 
         caller_ids = kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         record = self.records.get(cache) if cache is not None else None
         has_images = kwargs.get("pixel_values") is not None
         vision = None
@@ -553,7 +553,7 @@ class Session:
             kwargs = dict(bound.arguments)
             kwargs.update(kwargs.pop("kwargs", {}))
         self._check_forward_kwargs(kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         record = self.records.get(cache) if cache is not None else None
         has_images = kwargs.get("pixel_values") is not None
         vision: _Vision | None = None
@@ -602,9 +602,7 @@ class Session:
         current, self.current = self.current, None
         if not isinstance(current, _Prefill) or output is None:
             return
-        cache = getattr(output, "past_key_values", None)
-        if cache is None and isinstance(output, tuple):
-            cache = next((o for o in output if hasattr(o, "get_seq_length")), None)
+        cache = output_cache(output)
         if cache is not None:
             self.records[cache] = current.cache_record()
         # Inside generate() the report describes the prompt's prefill, not the later steps that
@@ -632,12 +630,12 @@ class Session:
         masks = {}
         config = self.text.config
         for kind in {self.text.layer_type(i) for i in range(layer_idx, self.text.num_layers)}:
-            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = make(
+            masks[kind] = causal_mask(
+                kind == "sliding_attention",
                 config=config,
                 inputs_embeds=hidden,
                 attention_mask=mask2d,
-                past_key_values=cache,
+                cache=cache,
                 position_ids=None,
                 layer_idx=layer_idx,
             )
@@ -725,7 +723,7 @@ class _Prefill:
         self.session = session
         self.vision = vision
         self.kwargs_mask = kwargs.get("attention_mask")
-        self.cache = kwargs.get("past_key_values")
+        self.cache = cache_of(kwargs)
         self.spans = find_image_spans(kwargs["input_ids"], session.adapter.image_token_id, vision.counts)
         self.spans0 = self.spans
         self.image_rows = {s.image: b for b, row in enumerate(self.spans) for s in row}
@@ -948,7 +946,7 @@ class _Decode:
     def __init__(self, session: Session, record: _CacheRecord, kwargs: dict) -> None:
         self.session = session
         self.record = record
-        self.cache = kwargs["past_key_values"]
+        self.cache = cache_of(kwargs)
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         query = (ids if ids is not None else embeds).shape[1]
