@@ -175,9 +175,12 @@ def visual_attention(
     received = torch.zeros(num_images, n, dtype=torch.float32, device=q.device)
     step = _head_chunks(num_heads, n, total_keys, num_images)
     for h0 in range(0, num_heads, step):
-        logits = torch.matmul(q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float().transpose(-1, -2)) * scale
+        logits = (
+            torch.matmul(q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float().transpose(-1, -2)) * scale
+        )
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # (I, T): summed over this chunk's heads and queries
+        # (I, T): summed over this chunk's heads and queries.
+        probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))
         received += probs.gather(1, query_pos)
     received /= num_heads
     if debias and causal:
