@@ -79,6 +79,7 @@ def load_model(name_or_path: str | None, dtype_name: str = "float32"):
     """Load an LVLM and its processor: the shipped testbed model by default, else an HF id or a local folder."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
     from .testbed import DEFAULT_MODEL_PATH
 
@@ -87,11 +88,18 @@ def load_model(name_or_path: str | None, dtype_name: str = "float32"):
     if name_or_path is None and not (path / "config.json").is_file():
         raise CLIError(f"the shipped testbed model is missing from {path}; pass --model")
     source = str(path) if path.exists() else str(name_or_path)
+    # A local folder loads in a blink: no "Loading weights" bar in front of the answer (or of a one-line error).
+    quiet = path.exists() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise CLIError(f"--model {source!r}: cannot load it ({str(err).splitlines()[0]})") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
@@ -155,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from . import build
-    from .testbed import first_word, make_sample, unknown_words
+    from .testbed import build_prompt, first_word, make_sample, unknown_words
 
     model, processor = load_model(args.model, args.dtype)
     expected = None
@@ -172,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             logger.warning("words outside the testbed vocabulary are read as <unk>: %s", ", ".join(unknown))
     method = build(args.method, budget=args.budget, budget_mode=args.budget_mode, **_method_kwargs(args.set))
-    inputs = processor(images=image, text=_prompt(processor, question), return_tensors="pt").to(model.device)
+    prompt = build_prompt(question) if args.model is None else _prompt(processor, question)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     prompt_length = inputs["input_ids"].shape[1]
@@ -204,6 +213,54 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .evaluation import markdown_tables, parse_method_spec, run_eval
+    from .methods import available_methods
+    from .testbed import make_split
+
+    names = args.methods.split(",") if args.methods else [m for m in available_methods() if m != "none"]
+    specs = [parse_method_spec(name) for name in names if name.strip() and name.strip() != "none"]
+    budgets = [_parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    if args.n < 1:
+        raise CLIError(f"--n {args.n}: evaluate at least one sample")
+    model, processor = load_model(args.model, args.dtype)
+    samples = make_split(args.split, args.n, seed=args.seed)
+    start = time.time()
+    rows = run_eval(
+        model,
+        processor,
+        samples,
+        specs,
+        budgets,
+        budget_mode=args.budget_mode,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(markdown_tables(rows))
+    print(f"\n({len(rows)} runs in {time.time() - start:.0f} s)")
+    if args.json:
+        meta = {
+            "model": args.model or "visiondrop testbed (shipped)",
+            "split": args.split,
+            "n": args.n,
+            "seed": args.seed,
+            "dtype": args.dtype,
+            "command": "visiondrop eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        print(f"results: {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -228,8 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="folder for kept.png and report.json")
     run.set_defaults(func=cmd_run)
 
+    evaluate = sub.add_parser("eval", help="accuracy of methods x budgets on the testbed, with retention")
+    evaluate.add_argument("--model", help="HF id or local folder (default: the shipped testbed model)")
+    evaluate.add_argument(
+        "--methods",
+        help="comma-separated method specs, e.g. visiondrop,fastv:layer=1,visiondrop:score=visual (default: all)",
+    )
+    evaluate.add_argument(
+        "--budgets", default="192,128,64", help="comma-separated budgets (default 192,128,64)"
+    )
+    evaluate.add_argument("--budget-mode", default="average", choices=["average", "input"])
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    evaluate.add_argument("--n", type=int, default=300, help="samples (default 300)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--dtype", default="float32")
+    evaluate.add_argument("--json", help="write {meta, results: [...]} here")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_eval)
+
     methods = sub.add_parser("methods", help="list the methods: stages, signal, merging, paper")
     methods.set_defaults(func=cmd_methods)
+
+    from . import bench, costs  # their subcommands: `visiondrop flops`, `visiondrop bench`
+
+    costs.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
