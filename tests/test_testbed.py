@@ -259,6 +259,75 @@ def test_prefix_shared_training_forward_equals_full_forward() -> None:
     assert T.check_prefix_sharing(model, processor) < 1e-4
 
 
+def test_referenced_label_names_the_questions_object() -> None:
+    from visiondrop.testbed import train as T
+
+    colors = list(S.COLORS)
+    for index in range(30):
+        scene, rng = S.make_scene("train", index)
+        for q in S.training_questions(scene, rng):
+            label = T.referenced_label(scene, q)
+            if q.qtype == "detail":
+                assert label == -1
+            elif q.qtype == "count" or (q.qtype == "exists" and q.answer == "no"):
+                assert label == 0
+            else:
+                (obj,) = [o for o in scene.objects if 1 + colors.index(o.color) == label]
+                assert obj.color in q.question or obj.shape in q.question
+                if q.qtype == "color":
+                    assert obj.color == q.answer
+                if q.qtype == "shape":
+                    assert obj.shape == q.answer
+
+
+def test_attention_loss_reads_the_attention_the_model_computes() -> None:
+    """The training-time supervision uses head 0's real attention: compared with eager ``output_attentions``."""
+    from visiondrop.testbed import train as T
+
+    torch.manual_seed(0)
+    cfg = T.TrainConfig(vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128, attn_layer=2)
+    cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.text_kv_heads, cfg.text_mlp = 64, 4, 4, 2, 128
+    processor = build_processor()
+    model = T.build_model(cfg, processor).eval()
+    model.set_attn_implementation("eager")
+    item = T._QADataset(processor, "train", 0, 1, seed=0)[0]
+    length = int(item["suffix_mask"][0].sum())
+    suffix, suffix_mask = item["suffix"][:1, :length], item["suffix_mask"][:1, :length]
+    rows_pos = item["target_mask"][:1, :length].float().argmax(-1) - 1  # the token that predicts the answer
+    prefix = T.prefix_ids(processor)
+    # An arbitrary patch of 37 visual tokens: a small mass, sensitive to the head, the rotary phases and the mask.
+    image = torch.zeros(prefix.shape[0], dtype=torch.bool)
+    image[(prefix == model.config.image_token_id).nonzero()[100:137, 0]] = True
+    layer = model.model.language_model.layers[cfg.attn_layer]
+    seen: list = []
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"], k["position_embeddings"])),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            T.qa_logits(model, prefix, item["pixel_values"][None], suffix[None], suffix_mask[None], False)
+            key_mask = torch.cat(
+                [
+                    torch.ones(1, prefix.shape[0], dtype=torch.bool),
+                    torch.arange(length)[None] <= rows_pos[:, None],
+                ],
+                1,
+            )
+            loss = T.attention_loss(layer, seen[0], seen[-1], key_mask, rows_pos, image[None])
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.cat([prefix, suffix[0]])[None],
+            pixel_values=item["pixel_values"][None],
+            output_attentions=True,
+        )
+    attn = out.attentions[cfg.attn_layer][0, 0, prefix.shape[0] + int(rows_pos)]  # head 0, answer position
+    expected = -torch.log(attn[: prefix.shape[0]][image].sum() + 1e-6)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
 def test_train_cli_defaults_are_the_documented_config() -> None:
     from visiondrop.testbed import train as T
 
