@@ -140,27 +140,6 @@ def _positive(value: Any, what: str, minimum: int = 1) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _config_dict(model: str) -> tuple[dict[str, Any], str]:
-    """The JSON of a shipped config name or a ``config.json`` path (or a folder holding one), and its label."""
-    if model in flops.SHIPPED_CONFIGS:
-        path = Path(flops.__file__).resolve().parent / "configs" / f"{model}.json"
-    else:
-        path = Path(model)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(
-                f"--model {model!r}: expected one of {', '.join(flops.SHIPPED_CONFIGS)} or a path to a config.json"
-            )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--model {model!r}: cannot read it as JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--model {model!r}: expected a JSON object")
-    return data, model
-
-
 def bench_config(model: str = "llava-1.5-7b", layers: int | None = None) -> Any:
     """The ``LlavaConfig`` the bench builds: ``model``'s config with the LLM truncated to ``layers`` layers.
 
@@ -172,7 +151,10 @@ def bench_config(model: str = "llava-1.5-7b", layers: int | None = None) -> Any:
     """
     from transformers import LlavaConfig
 
-    data, label = _config_dict(model)
+    try:
+        data, label = flops.read_config(model)
+    except ValueError as exc:
+        raise ValueError(f"--model {model!r}: {exc}") from None
     if data.get("model_type") != "llava":
         raise ValueError(
             f"--model {label!r}: visiondrop bench builds LLaVA-1.5-style models (model_type 'llava'), "

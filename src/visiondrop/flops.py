@@ -376,24 +376,18 @@ def _spec_from_dict(data: dict[str, Any], name: str) -> ArchSpec:
     )
 
 
-def load_arch(name_or_path: str | os.PathLike[str]) -> ArchSpec:
-    """Load an :class:`ArchSpec` from a shipped config name or a ``config.json``.
-
-    Parameters
-    ----------
-    name_or_path : str or path-like
-        One of :data:`SHIPPED_CONFIGS` (``"llava-1.5-7b"``, ...), the Hugging Face id of one of them
-        (``"llava-hf/llava-1.5-7b-hf"``, resolved to the shipped file, nothing is downloaded), a path
-        to a ``config.json`` or a folder containing one.
+def read_config(name_or_path: str | os.PathLike) -> tuple[dict, str]:
+    """The JSON object of a shipped config name, a shipped model's HF id, a ``config.json`` or a folder holding one.
 
     Returns
     -------
-    ArchSpec
+    (dict, str)
+        The config and its label (the shipped name, or the path as given).
 
     Raises
     ------
     ValueError
-        If the name is unknown or the path cannot be read as a supported config.
+        If the name is unknown or the file cannot be read as a JSON object.
     """
     key = os.fspath(name_or_path)
     if key in SHIPPED_CONFIGS:
@@ -416,6 +410,29 @@ def load_arch(name_or_path: str | os.PathLike[str]) -> ArchSpec:
         raise ValueError(f"cannot read model config {key!r}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"cannot read model config {key!r}: expected a JSON object")
+    return data, label
+
+
+def load_arch(name_or_path: str | os.PathLike[str]) -> ArchSpec:
+    """Load an :class:`ArchSpec` from a shipped config name or a ``config.json``.
+
+    Parameters
+    ----------
+    name_or_path : str or path-like
+        One of :data:`SHIPPED_CONFIGS` (``"llava-1.5-7b"``, ...), the Hugging Face id of one of them
+        (``"llava-hf/llava-1.5-7b-hf"``, resolved to the shipped file, nothing is downloaded), a path
+        to a ``config.json`` or a folder containing one.
+
+    Returns
+    -------
+    ArchSpec
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown or the path cannot be read as a supported config.
+    """
+    data, label = read_config(name_or_path)
     return ArchSpec.from_config(data, name=label)
 
 
