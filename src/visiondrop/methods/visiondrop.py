@@ -59,7 +59,7 @@ class VisionDrop(PruningMethod):
     positions : str
         ``"compact"``: renumber positions after each stage (the release); ``"preserve"``: kept tokens keep their
         original positions, a merged token its anchor's (the default: on the pocket benchmark it keeps the answers
-        that depend on where things are, 92% vs 78% retention at budget 192, README "Pocket benchmark");
+        that depend on where things are, 88% vs 75% retention at budget 192, README "Pocket benchmark");
         ``"auto"``: compact for 1-D RoPE models, preserve for M-RoPE models (Qwen2-VL), where compact has no meaning.
         :meth:`reference` uses compact, as the release does.
     debias : bool
