@@ -21,6 +21,8 @@ train
     ``python -m visiondrop.testbed.train --out DIR``: the training recipe.
 evaluate
     ``python -m visiondrop.testbed.evaluate --split test --n 500``: per-type accuracy.
+coverage
+    ``python -m visiondrop.testbed.coverage --budget 64 --type count``: which objects keep a patch per stage.
 """
 
 from __future__ import annotations
