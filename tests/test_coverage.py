@@ -20,9 +20,7 @@ def _stage(patches: list[int]) -> SimpleNamespace:
 
 
 def _colour_patches(sample: S.Sample) -> dict[int, list[int]]:
-    labels = S.patch_labels(S.Scene(image=sample.image, objects=sample.objects, tag=sample.tag))[
-        "color"
-    ].reshape(-1)
+    labels = S.patch_labels(sample.scene)["color"].reshape(-1)
     return {int(c): np.flatnonzero(labels == c).tolist() for c in np.unique(labels[labels > 0])}
 
 

@@ -41,15 +41,12 @@ def _dtype(name: str):
 
 
 def _parse_budget(text: str) -> int | float:
+    from .costs import parse_budget
+
     try:
-        value = float(text)
-    except ValueError:
-        raise CLIError(
-            f"--budget {text!r}: give a token count (e.g. 64) or a fraction in (0, 1] (e.g. 0.25)"
-        ) from None
-    if value.is_integer() and ("." not in text):
-        return int(value)
-    return value
+        return parse_budget(text)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _method_kwargs(text: str | None) -> dict[str, Any]:

@@ -103,6 +103,10 @@ def first_word(text: str) -> str:
     return match.group(0) if match else ""
 
 
+# Tokens generated per question: the one-word answer and ``</s>``.
+ANSWER_TOKENS = 2
+
+
 def _default_generate(model: Any, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
 
@@ -115,7 +119,7 @@ def evaluate(
     batch_size: int = 16,
     generate_fn: GenerateFn | None = None,
     progress: bool = True,
-    max_new_tokens: int = 2,
+    max_new_tokens: int = ANSWER_TOKENS,
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy of ``model`` on ``samples``.
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from ..costs import parse_budget
 from ..evaluation import parse_method_spec
-from . import evaluate, load_testbed
-from .scenes import QUESTION_TYPES, SPLITS, Sample, Scene, make_split, patch_labels
+from . import ANSWER_TOKENS, _default_generate, evaluate, load_testbed
+from .scenes import QUESTION_TYPES, SPLITS, Sample, make_split, patch_labels
 
 
 def object_coverage(sample: Sample, image_report: Any) -> list[tuple[int, int]]:
@@ -34,9 +35,7 @@ def object_coverage(sample: Sample, image_report: Any) -> list[tuple[int, int]]:
     Objects are told apart by colour (colours are unique within a scene); an object none of whose patches
     carries its colour label (too small for the grid) is not counted.
     """
-    labels = patch_labels(Scene(image=sample.image, objects=sample.objects, tag=sample.tag))["color"].reshape(
-        -1
-    )
+    labels = patch_labels(sample.scene)["color"].reshape(-1)
     objects = sorted(set(labels[labels > 0].tolist()))
     out = []
     for stage in image_report.stages:
@@ -59,8 +58,8 @@ def measure(
     with method.apply(model) as run:
 
         def generate_and_keep_report(m: Any, inputs: dict) -> Any:
-            out = m.generate(**inputs, max_new_tokens=2, do_sample=False)
-            reports.extend(image.images[0] for image in run.report.samples)
+            out = _default_generate(m, inputs, ANSWER_TOKENS)
+            reports.extend(sample.images[0] for sample in run.report.samples)
             return out
 
         pruned = evaluate(
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--method", default="visiondrop", help="a method spec, e.g. visiondrop:positions=compact"
     )
     parser.add_argument(
-        "--budget", type=float, default=64, help="layer-average budget (int tokens or a fraction)"
+        "--budget", type=parse_budget, default=64, help="layer-average budget (int tokens or a fraction)"
     )
     parser.add_argument("--budget-mode", default="average", choices=("average", "input"))
     parser.add_argument("--type", default="count", choices=QUESTION_TYPES, help="question type")
@@ -118,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="model folder (default: the shipped testbed)")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    budget = int(args.budget) if float(args.budget).is_integer() and args.budget >= 1 else args.budget
+    budget = args.budget
     spec = parse_method_spec(args.method)
     method = spec.build(budget, args.budget_mode)
     samples = [s for s in make_split(args.split, args.n, args.seed) if s.qtype == args.type]

@@ -259,6 +259,11 @@ class Sample:
     split: str = "test"
     index: int = 0
 
+    @property
+    def scene(self) -> Scene:
+        """The sample's scene (image, objects, tag), e.g. for :func:`patch_labels`."""
+        return Scene(image=self.image, objects=self.objects, tag=self.tag)
+
 
 def _check_split(split: str) -> None:
     if split not in _SPLIT_IDS:
