@@ -53,6 +53,7 @@ def test_words_outside_the_vocabulary_are_warned_about(caplog, capsys):
         (["run", "--image", "no/such/file.png"], "--image 'no/such/file.png': no such file"),
         (["run", "--budget", "577"], "budget=577 is more than the 576 visual tokens"),
         (["run", "--budget", "0"], "budget must be > 0"),
+        (["run", "--budget", "abc"], "--budget 'abc': give a token count (e.g. 64) or a fraction"),
         (["run", "--method", "fastvv"], "unknown method 'fastvv'"),
         (["run", "--set", "positions"], "--set 'positions': use key=value"),
     ],

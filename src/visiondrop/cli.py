@@ -157,6 +157,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Parsed here, not as an argparse type: argparse lets a CLIError from a type out as a traceback.
+    args.budget = _parse_budget(args.budget)
     import torch
 
     from . import build
@@ -271,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image", help="image file (default: a generated test scene)")
     run.add_argument("--question", help="question (default: the scene's own question)")
     run.add_argument("--method", default="visiondrop", help="registry name (see `visiondrop methods`)")
-    run.add_argument(
-        "--budget", type=_parse_budget, default=64, help="tokens per image, or a fraction (default 64)"
-    )
+    run.add_argument("--budget", default="64", help="tokens per image, or a fraction (default 64)")
     run.add_argument("--budget-mode", default="average", choices=["average", "input"])
     run.add_argument("--set", help="other method fields, e.g. positions=preserve,merge=mean")
     run.add_argument("--seed", type=int, default=0, help="which generated test scene (default 0)")
