@@ -39,8 +39,7 @@ def object_coverage(sample: Sample, image_report: Any) -> list[tuple[int, int]]:
     objects = sorted(set(labels[labels > 0].tolist()))
     out = []
     for stage in image_report.stages:
-        kept = np.asarray(stage.kept_patches(), dtype=np.int64)
-        present = set(labels[kept].tolist()) if kept.size else set()
+        present = set(labels[np.asarray(stage.kept_patches(), dtype=np.int64)].tolist())
         out.append((sum(1 for o in objects if o in present), len(objects)))
     return out
 
