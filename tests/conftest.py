@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visiondrop.tiny import BOS, EOS, IMAGE_TOKEN, PAD
-from visiondrop.tiny import tiny_llava as _tiny_llava
+from visiondrop.testing import BOS, EOS, IMAGE_TOKEN, PAD
+from visiondrop.testing import tiny_llava as _tiny_llava
 
 __all__ = ["BOS", "EOS", "IMAGE_TOKEN", "PAD"]
 SIDE = 112  # 8 x 8 = 64 patches of 14 px
@@ -101,7 +101,7 @@ NEXT_SIZES = [(50, 100), (100, 60), (80, 80)]
 
 def next_batch(model, sizes=NEXT_SIZES, side: str = "left", seed: int = 1) -> dict:
     """A ragged LLaVA-NeXT batch: one image; two images of other sizes; a prompt without an image."""
-    from visiondrop.tiny import llava_next_placeholders
+    from visiondrop.testing import llava_next_placeholders
 
     n = [llava_next_placeholders(model, s) for s in sizes]
     rows = [

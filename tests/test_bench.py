@@ -1,4 +1,4 @@
-"""``visiondrop bench`` (``visiondrop.bench``) on a tiny LLaVA config: the code path, the JSON it writes, what its
+"""``visiondrop bench`` (``visiondrop.tools.bench``) on a tiny LLaVA config: the code path, the JSON it writes, what its
 hooks count and the errors users get. Nothing here depends on how fast anything ran."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from visiondrop import bench, build
+from visiondrop import build
 from visiondrop import flops as vf
-from visiondrop.tiny import tiny_llava_config
+from visiondrop.testing import tiny_llava_config
+from visiondrop.tools import bench
 
 LAYERS = 4
 TEXT = 16
@@ -196,11 +197,11 @@ def test_budget_checked_before_the_model_is_built() -> None:
 
 
 def test_wired_into_the_cli(tiny_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from visiondrop import cli
+    from visiondrop.tools import cli
 
     try:
         status = cli.main(["bench", *quick(tiny_config, "--batch", "0")])
     except SystemExit:
-        pytest.skip("visiondrop.cli does not register the bench command yet")
+        pytest.skip("visiondrop.tools.cli does not register the bench command yet")
     assert status == 2
     assert "--batch must be" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from visiondrop import VisionDrop
-from visiondrop.cli import main, methods_table
 from visiondrop.testbed import DEFAULT_MODEL_PATH
+from visiondrop.tools.cli import main, methods_table
 
 
 def test_methods_lists_the_registry(capsys):

@@ -1,4 +1,4 @@
-"""``visiondrop flops`` (``visiondrop.costs``): the published figures through the command's own code path, the
+"""``visiondrop flops`` (``visiondrop.tools.costs``): the published figures through the command's own code path, the
 per-stage breakdown, config paths and the errors users get. Configs only: no model is built."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from visiondrop import costs
 from visiondrop import flops as vf
+from visiondrop.tools import costs
 
 SHIPPED = Path(vf.__file__).resolve().parent / "configs"
 
@@ -197,12 +197,12 @@ def test_parsers() -> None:
 
 
 def test_wired_into_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from visiondrop import cli
+    from visiondrop.tools import cli
 
     try:
         status = cli.main(["flops", "--model", "llava-1.5-7b", "--json"])
     except SystemExit:
-        pytest.skip("visiondrop.cli does not register the flops command yet")
+        pytest.skip("visiondrop.tools.cli does not register the flops command yet")
     assert status == 0
     assert rel_err(json.loads(capsys.readouterr().out)["unpruned_tflops"], 9.06) < 0.03
     assert cli.main(["flops", "--model", "llava-9b"]) == 2

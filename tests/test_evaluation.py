@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import visiondrop as vd
-from visiondrop.evaluation import MethodSpec, markdown_tables, parse_method_spec, parse_value
+from visiondrop.tools.evaluation import MethodSpec, markdown_tables, parse_method_spec, parse_value
 
 
 def test_values_and_specs_parse():

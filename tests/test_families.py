@@ -8,7 +8,7 @@ import torch
 import visiondrop as vd
 from conftest import NEXT_SIZES, generate, model_state, next_batch
 from visiondrop.models.llava_next import LlavaNextAdapter
-from visiondrop.tiny import tiny_llava_next
+from visiondrop.testing import tiny_llava_next
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -142,7 +142,7 @@ QWEN_ROWS = [[1, 5, "image", 7, 8], [1, 5, 6, "image", 3, "image", 9], [1, 4, 4]
 
 @pytest.fixture(scope="module", params=["2", "2.5"])
 def qwen(request):
-    from visiondrop.tiny import tiny_qwen2_vl
+    from visiondrop.testing import tiny_qwen2_vl
 
     model = tiny_qwen2_vl(version=request.param)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def qwen(request):
 
 
 def _qwen_batch(**kwargs):
-    from visiondrop.tiny import qwen_inputs
+    from visiondrop.testing import qwen_inputs
 
     return qwen_inputs(QWEN_ROWS, QWEN_GRIDS, **kwargs)
 

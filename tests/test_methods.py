@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import visiondrop as vd
 from conftest import N_TOKENS, RAGGED, generate, make_batch, model_state
-from visiondrop.cli import methods_table
+from visiondrop.tools.cli import methods_table
 
 LAYERS = 8
 ALL = vd.available_methods()

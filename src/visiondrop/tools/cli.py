@@ -78,7 +78,7 @@ def load_model(name_or_path: str | None, dtype_name: str = "float32"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
-    from .testbed import DEFAULT_MODEL_PATH
+    from ..testbed import DEFAULT_MODEL_PATH
 
     dtype = _dtype(dtype_name)
     path = Path(name_or_path) if name_or_path else DEFAULT_MODEL_PATH
@@ -135,7 +135,7 @@ def _prompt(processor: Any, question: str) -> str:
 
 def methods_table() -> str:
     """The registry as a markdown table (the README's methods table is this output)."""
-    from .methods import available_methods, method_class
+    from ..methods import available_methods, method_class
 
     lines = ["| name | stages | signal | merges | paper |", "|---|---|---|---|---|"]
     for name in available_methods():
@@ -161,8 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.budget = _parse_budget(args.budget)
     import torch
 
-    from . import build
-    from .testbed import build_prompt, first_word, make_sample, unknown_words
+    from .. import build
+    from ..testbed import build_prompt, first_word, make_sample, unknown_words
 
     model, processor = load_model(args.model, args.dtype)
     expected = None
@@ -220,9 +220,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from ..methods import available_methods
+    from ..testbed import make_split
     from .evaluation import markdown_tables, parse_method_spec, run_eval
-    from .methods import available_methods
-    from .testbed import make_split
 
     names = args.methods.split(",") if args.methods else [m for m in available_methods() if m != "none"]
     specs = [parse_method_spec(name) for name in names if name.strip() and name.strip() != "none"]

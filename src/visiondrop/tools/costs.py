@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import flops
-from .methods import build
-from .schedule import Schedule
+from .. import flops
+from ..methods import build
+from ..schedule import Schedule
 
 __all__ = [
     "DTYPE_BYTES",

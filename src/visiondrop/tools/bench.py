@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from . import flops
+from .. import flops
+from ..methods import build, method_class
 from .costs import format_bytes, format_table, parse_budget, parse_settings
-from .methods import build, method_class
 
 __all__ = [
     "BenchResult",
@@ -304,7 +304,7 @@ class _TokenCounter:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from .compat import vision_encoder_layers
+        from ..compat import vision_encoder_layers
 
         self.vision: list[tuple[int, int]] = []
         self.projector = 0
@@ -729,7 +729,7 @@ def run_bench(
     text_tokens : int
         Text tokens per row (default 64), around one image's placeholders.
     progress : bool
-        Log a line per timed call (INFO on the ``visiondrop.bench`` logger).
+        Log a line per timed call (INFO on the ``visiondrop.tools.bench`` logger).
 
     Returns
     -------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .report import ImageReport, StageView
+from ..report import ImageReport, StageView
 
 __all__ = ["draw_stages", "save_stages"]
 

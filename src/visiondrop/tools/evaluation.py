@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .methods import build, method_class
+from ..methods import build, method_class
 
 __all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval"]
 
@@ -95,7 +95,7 @@ def run_eval(
         conventions) and ``retention`` (accuracy / unpruned accuracy). A combination a method cannot run (e.g. a
         layer-average below FastV's floor) gives a row with ``error`` instead of an accuracy.
     """
-    from .testbed import evaluate
+    from ..testbed import evaluate
 
     rows: list[dict[str, Any]] = []
     base = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)

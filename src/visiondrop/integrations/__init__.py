@@ -1,0 +1,1 @@
+"""Integrations with the tools people run: lmms-eval (evaluation) and vLLM (serving)."""
