@@ -156,13 +156,66 @@ def cmd_methods(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def prepare_inputs(model: Any, processor: Any, image: Any, question: str, *, testbed: bool) -> Any:
+    """One image and question as the model's inputs, on its device and in its dtype (``visiondrop run`` and ``demo``).
+
+    Parameters
+    ----------
+    model, processor
+        As :func:`load_model` returns them.
+    image : PIL.Image.Image
+        RGB image.
+    question : str
+        The user's question, wrapped in the testbed's prompt (``testbed=True``) or the processor's chat template.
+    testbed : bool
+        Whether ``model`` is the shipped testbed model (its prompt has no chat template).
+
+    Returns
+    -------
+    transformers.BatchFeature
+        ``input_ids`` / ``attention_mask`` ``(1, T)``, ``pixel_values`` (e.g. ``(1, 3, 336, 336)``) and whatever
+        else the processor adds.
+    """
+    from ..testbed import build_prompt
+
+    prompt = build_prompt(question) if testbed else _prompt(processor, question)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def generate_answer(
+    model: Any, processor: Any, inputs: Any, max_new_tokens: int, method: Any = None
+) -> tuple[str, Any]:
+    """Greedy answer to :func:`prepare_inputs`' batch, unpruned (``method=None``) or under ``method``.
+
+    Returns
+    -------
+    answer : str
+        The generated text after the prompt, special tokens removed.
+    report : visiondrop.report.Report or None
+        ``run.report`` of the pruned call (``None`` unpruned).
+    """
+    import torch
+
+    prompt_length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        if method is None:
+            out, report = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False), None
+        else:
+            with method.apply(model) as run:
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            report = run.report
+    answer = processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)[0].strip()
+    return answer, report
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Parsed here, not as an argparse type: argparse lets a CLIError from a type out as a traceback.
     args.budget = _parse_budget(args.budget)
-    import torch
-
     from .. import build
-    from ..testbed import build_prompt, first_word, make_sample, unknown_words
+    from ..testbed import first_word, make_sample, unknown_words
 
     model, processor = load_model(args.model, args.dtype)
     expected = None
@@ -179,20 +232,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             logger.warning("words outside the testbed vocabulary are read as <unk>: %s", ", ".join(unknown))
     method = build(args.method, budget=args.budget, budget_mode=args.budget_mode, **_method_kwargs(args.set))
-    prompt = build_prompt(question) if args.model is None else _prompt(processor, question)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    prompt_length = inputs["input_ids"].shape[1]
-
-    def answer(out: torch.Tensor) -> str:
-        return processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)[0].strip()
-
-    with torch.no_grad():
-        unpruned = answer(model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
-        with method.apply(model) as run:
-            pruned = answer(model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
-    report = run.report
+    inputs = prepare_inputs(model, processor, image, question, testbed=args.model is None)
+    unpruned, _ = generate_answer(model, processor, inputs, args.max_new_tokens)
+    pruned, report = generate_answer(model, processor, inputs, args.max_new_tokens, method)
     print(f"model:    {args.model or 'visiondrop testbed (shipped)'}")
     print(f"question: {question}" + (f"   [expected: {expected}]" if expected else ""))
     print(f"unpruned: {unpruned}")
@@ -308,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs.add_parser(sub)
     bench.add_parser(sub)
+    from . import demo  # `visiondrop demo` (gradio is imported only when the command runs)
+
+    demo.add_parser(sub)
     return parser
 
 
