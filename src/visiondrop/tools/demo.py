@@ -288,6 +288,8 @@ def build_app(session: DemoSession, title: str = "visiondrop demo") -> Any:
                     label="image",
                     type="filepath",
                     sources=["upload"],
+                    # PNG, not Gradio's default webp: a generated scene must reach the model pixel for pixel.
+                    format="png",
                     buttons=["fullscreen"],
                     elem_id="image",
                     height=300,
@@ -329,6 +331,7 @@ def build_app(session: DemoSession, title: str = "visiondrop demo") -> Any:
         picture_a = gr.Image(
             label="what the method keeps, per stage",
             interactive=False,
+            format="png",
             buttons=["download", "fullscreen"],
             elem_id="picture-a",
         )
