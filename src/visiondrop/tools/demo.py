@@ -330,6 +330,7 @@ def build_app(session: DemoSession, title: str = "visiondrop demo") -> Any:
         # Full width: one panel per stage side by side. No "share" button (it posts to the Hugging Face hub).
         picture_a = gr.Image(
             label="what the method keeps, per stage",
+            show_label=False,  # the picture carries its own title (method, budget, question, answer)
             interactive=False,
             format="png",
             buttons=["download", "fullscreen"],
@@ -337,6 +338,7 @@ def build_app(session: DemoSession, title: str = "visiondrop demo") -> Any:
         )
         picture_b = gr.Image(
             label="what the compared method keeps",
+            show_label=False,  # the picture carries its own title (method, budget, question, answer)
             interactive=False,
             visible=False,
             buttons=["download", "fullscreen"],
