@@ -270,3 +270,31 @@ def test_bad_input_shows_the_error_and_the_next_request_is_served(page, tmp_path
     assert (_value(page, "answer-unpruned"), _value(page, "answer-a")) == _visiondrop_run(
         "--image", str(good), "--question", question, "--budget", "64"
     )
+
+
+def test_requests_from_two_pages_queue_and_are_both_answered(page, server):
+    other = page.context.new_page()  # the same context: its requests are held to the server too
+    try:
+        other.goto(server["url"])
+        other.wait_for_selector("#run", timeout=60_000)
+        for p in (page, other):
+            p.locator("#seed input").fill("4")
+            p.locator("#scene").click()
+        question = make_sample("test", 4).question
+        for p in (page, other):
+            p.wait_for_function(
+                f"() => document.querySelector('#question textarea').value === {question!r}",
+                timeout=ANSWER_TIMEOUT_MS,
+            )
+        page.locator("#run").click()
+        other.locator("#run").click()
+        answers = []
+        for p in (page, other):
+            p.wait_for_function(
+                "() => document.querySelector('#answer-a textarea').value.length > 0",
+                timeout=ANSWER_TIMEOUT_MS,
+            )
+            answers.append((_value(p, "answer-unpruned"), _value(p, "answer-a")))
+    finally:
+        other.close()
+    assert answers[0] == answers[1] == _visiondrop_run("--seed", "4", "--budget", "64")
