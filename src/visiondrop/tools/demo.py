@@ -67,7 +67,8 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """A markdown table (the answers are shown beside it): per method, tokens per stage, the three budget conventions, FLOPs, KV cache, time."""
+        """Markdown: per method, tokens per stage, the three budget conventions, FLOPs, KV cache and time (a table),
+        then each schedule; the answers are shown beside it."""
         lines = [
             "| | visual tokens per stage | input | layer-avg | final | prefill FLOPs | KV cache | time |",
             "|---|---|---|---|---|---|---|---|",
