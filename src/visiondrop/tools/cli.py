@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs.add_parser(sub)
     bench.add_parser(sub)
+    from . import table  # `visiondrop table`, `visiondrop lmms-tasks` (lmms-eval outputs and tasks)
+
+    table.add_parser(sub)
     return parser
 
 
