@@ -136,7 +136,8 @@ def build_table(runs: Sequence[Run]) -> dict[str, Any]:
     dict
         ``columns`` (benchmarks, in first-seen order) and ``rows``: ``model``, ``method``, ``budget``,
         ``budget_mode``, ``scores``, ``retention`` (per benchmark, vs. the same model's ``none`` run),
-        ``average_retention`` (mean over the benchmarks with a retention; ``None`` without an unpruned run),
+        ``average_retention`` (mean over the benchmarks with a retention, a benchmark's metrics averaged first;
+        ``None`` without an unpruned run),
         ``visual_tokens`` (layer-average visual tokens, mean over the row's files) and ``files``.
     """
     merged: dict[tuple, dict[str, Any]] = {}
@@ -176,7 +177,13 @@ def build_table(runs: Sequence[Run]) -> dict[str, Any]:
         tokens = row.pop("tokens")
         tflops = row.pop("tflops")
         row["retention"] = retention
-        row["average_retention"] = sum(retention.values()) / len(retention) if retention else None
+        # Each benchmark counts once: a task with several metrics (MME perception and cognition) is averaged
+        # over its metrics first.
+        by_task: dict[str, list[float]] = {}
+        for column, value in retention.items():
+            by_task.setdefault(column.split(":", 1)[0], []).append(value)
+        per_task = [sum(values) / len(values) for values in by_task.values()]
+        row["average_retention"] = sum(per_task) / len(per_task) if per_task else None
         row["visual_tokens"] = sum(tokens) / len(tokens) if tokens else None
         row["prefill_tflops"] = sum(tflops) / len(tflops) if tflops else None
         rows.append(row)
