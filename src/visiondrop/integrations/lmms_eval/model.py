@@ -285,14 +285,21 @@ class _VisionDropBase(lmms):
         return self._world_size
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(
-            "visiondrop (lmms-eval): loglikelihood requests (multiple-choice tasks scored by likelihood) are not "
-            "supported: pruning changes the visual sequence of the prefill, and scoring a continuation under it is "
-            "not implemented; use the task's generate_until variant"
+        """Not implemented: stops the run (exit status 1) with a ``NotImplementedError`` as its cause.
+
+        Pruning rewrites the visual part of the prefill, and scoring a continuation under it is not implemented;
+        every benchmark of the README's comparison is a generation task.
+        """
+        message = (
+            "loglikelihood requests (tasks scored by likelihood) are not implemented: pruning rewrites the "
+            "prefill's visual tokens and scoring a continuation under it is not supported; use a generate_until task"
         )
+        raise RunStopped(message) from NotImplementedError(message)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("visiondrop (lmms-eval): generate_until_multi_round is not supported")
+        """Not implemented: stops the run (exit status 1) with a ``NotImplementedError`` as its cause."""
+        message = "generate_until_multi_round requests (multi-round tasks) are not implemented"
+        raise RunStopped(message) from NotImplementedError(message)
 
     def _prepare(self, request: Instance, index: int) -> _Prepared:
         """A request of either form as a conversation and its images.
