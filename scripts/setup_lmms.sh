@@ -28,13 +28,15 @@ if ! $py -c "import torch" 2>/dev/null; then
 fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
-torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])')"
+# (stderr dropped: torch warns that numpy is not installed yet)
+torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
 {
     echo "torch==${torch_version}"
     echo "filelock<4"
 } >"$constraints"
 $py -m pip install --quiet -c "$constraints" -e ".[lmms,dev]" decord
-if ! $py -c "import torchvision" 2>/dev/null; then
+if $py -m pip show --quiet torchvision 2>/dev/null && ! $py -c "import torchvision" 2>/dev/null; then
+    echo "setup_lmms.sh: removing torchvision (it does not import beside this torch; transformers then uses PIL)"
     $py -m pip uninstall --quiet -y torchvision
 fi
 # Fail here, not in the first test, if the environment is unusable.

@@ -15,8 +15,8 @@ pytest.importorskip("lmms_eval")
 import visiondrop as vd
 from visiondrop.testbed import evaluate, first_word, make_split
 
-# The first N test samples of seed 0, at batch size 4: ~30 s per run on the 2-core machine.
-N_SAMPLES = 24
+# The first N test samples of seed 0, at batch size 4: 20-45 s per run on the shared 2-core machine.
+N_SAMPLES = 20
 BATCH = 4
 PRUNED = "method=visiondrop,budget=64"
 
@@ -97,7 +97,7 @@ def test_batch_size_one_agrees_with_four(run_lmms):
 def test_two_ranks_with_torchrun_agree(run_lmms):
     single, double = run_lmms(PRUNED, BATCH, N_SAMPLES), run_lmms(PRUNED, BATCH, N_SAMPLES, ranks=2)
     _ok(double)
-    assert "Running on rank 1" in double.stderr  # really two processes
+    assert double.results["throughput"]["avg_visiondrop_ranks"] == 2  # really two processes
     assert _answers(double) == _answers(single)
     # The means in the results cover both ranks' samples, not rank 0's half.
     assert double.results["throughput"]["avg_visiondrop_samples"] == N_SAMPLES

@@ -37,8 +37,6 @@ __all__ = ["RunStopped", "VisionDropChat", "VisionDropCounts", "VisionDropSimple
 
 logger = logging.getLogger(__name__)
 
-# model_args that are not method fields.
-_OWN_ARGS = ("pretrained", "method", "budget", "budget_mode", "dtype", "attn_implementation", "device_map")
 _DTYPES = {
     "auto": "auto",
     "float32": torch.float32,
@@ -166,11 +164,11 @@ class _VisionDropBase(lmms):
     ) -> None:
         super().__init__()
         try:
-            self._setup(
-                pretrained, method, budget, budget_mode, dtype, attn_implementation, device_map, device
-            )
             self._batch_size = _batch_size(batch_size)
-            self._method = self._build_method(fields)
+            # The method first: a bad method argument fails before a 7B checkpoint is loaded.
+            self._method = self._build_method(method, budget, budget_mode, fields)
+            self._setup(pretrained, dtype, attn_implementation, device_map, device)
+            self._check_method()
         except (ValueError, TypeError, OSError) as err:
             raise RunStopped(str(err).splitlines()[0]) from err
 
@@ -178,9 +176,6 @@ class _VisionDropBase(lmms):
     def _setup(
         self,
         pretrained: str | None,
-        method: str,
-        budget: Any,
-        budget_mode: str,
         dtype: str,
         attn_implementation: str | None,
         device_map: str | None,
@@ -191,16 +186,8 @@ class _VisionDropBase(lmms):
 
         if not pretrained:
             raise ValueError("model_args pretrained=...: give an HF id or a local folder")
-        method_name = str(method).strip().lower()
-        if method_name not in available_methods():
-            raise ValueError(
-                f"model_args method={method!r}: unknown method (available: {', '.join(available_methods())})"
-            )
         if str(dtype) not in _DTYPES:
             raise ValueError(f"model_args dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
-        self._method_name = method_name
-        self._budget = _parse_budget(budget)
-        self._budget_mode = str(budget_mode)
         # lmms-eval's data parallelism: one process per device, started by `accelerate launch` or `torchrun`;
         # Accelerator reads RANK/WORLD_SIZE/LOCAL_RANK and sets up the process group (gloo without CUDA).
         self.accelerator = Accelerator()
@@ -231,33 +218,36 @@ class _VisionDropBase(lmms):
         self._pretrained = pretrained
         self._arch = _arch_of(self._model)
 
-    def _build_method(self, fields: dict[str, Any]):
-        unknown = [key for key in fields if key in _OWN_ARGS]
-        if unknown:  # cannot happen through keyword arguments; kept for callers that pass dicts
-            raise ValueError(f"model_args {unknown[0]!r} given twice")
+    def _build_method(self, method: str, budget: Any, budget_mode: str, fields: dict[str, Any]) -> Any:
+        """The method from model_args; ValueError naming the model_args for anything the method rejects."""
+        name = str(method).strip().lower()
+        if name not in available_methods():
+            raise ValueError(
+                f"model_args method={method!r}: unknown method (available: {', '.join(available_methods())})"
+            )
         given = ",".join(
-            f"{k}={_as_text(v)}"
-            for k, v in {
-                "method": self._method_name,
-                "budget": self._budget,
-                "budget_mode": self._budget_mode,
-                **fields,
-            }.items()
+            f"{key}={_as_text(value)}"
+            for key, value in {"method": name, "budget": budget, "budget_mode": budget_mode, **fields}.items()
         )
+        self._given = given
         try:
-            method = build(
-                self._method_name,
-                budget=self._budget,
-                budget_mode=self._budget_mode,
+            return build(
+                name,
+                budget=_parse_budget(budget),
+                budget_mode=str(budget_mode),
                 **parse_method_fields(fields),
             )
-            # Errors that only need the model (budget above the family's token count, schedule vs. layers) now,
-            # not after the first batch: applying and leaving restores the model.
-            with method.apply(self._model):
-                pass
         except (ValueError, TypeError) as err:
             raise ValueError(f"model_args {given}: {err}") from None
-        return method
+
+    def _check_method(self) -> None:
+        """Errors that need the model (budget above the family's token count, schedule vs. layers) now, not after
+        the first batch: applying the method and leaving restores the model."""
+        try:
+            with self._method.apply(self._model):
+                pass
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model_args {self._given}: {err}") from None
 
     # --- lmms interface -------------------------------------------------------------------------------------------
     @property
@@ -455,6 +445,7 @@ class _VisionDropBase(lmms):
             if sums[2 * k + 1] > 0
         }
         means["visiondrop_samples"] = float(sums[1])
+        means["visiondrop_ranks"] = float(self._world_size)
         log_metrics(
             total_elapsed_time=elapsed,
             total_gen_tokens=generated,
