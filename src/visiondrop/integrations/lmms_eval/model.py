@@ -146,7 +146,7 @@ class _Prepared:
 
 
 class _VisionDropBase(lmms):
-    """Shared loading, batching, pruning and bookkeeping; the subclasses only turn requests into conversations."""
+    """Loading, batching, pruning and bookkeeping; the subclasses differ only in lmms-eval's `is_simple` flag."""
 
     def __init__(
         self,
