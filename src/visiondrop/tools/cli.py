@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo  # `visiondrop demo` (gradio is imported only when the command runs)
 
     demo.add_parser(sub)
+    from . import table  # `visiondrop table`, `visiondrop lmms-tasks` (lmms-eval outputs and tasks)
+
+    table.add_parser(sub)
     return parser
 
 
