@@ -1,26 +1,30 @@
 """One file per method; each registers its class by name (import order = listing order)."""
 
-from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune, simple, none  # noqa: F401, I001
+from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune, vispruner, holov, simple, none  # noqa: F401, I001
 from .base import MethodInfo, PruningMethod, available_methods, build, method_class, register
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
+from .holov import HoloV
 from .none import NoPruning
 from .pyramiddrop import PyramidDrop
 from .simple import Pooling, RandomPruning
 from .visiondrop import VisionDrop
 from .visionzip import VisionZip
+from .vispruner import VisPruner
 
 __all__ = [
     "DART",
     "DivPrune",
     "FastV",
+    "HoloV",
     "MethodInfo",
     "NoPruning",
     "Pooling",
     "PruningMethod",
     "PyramidDrop",
     "RandomPruning",
+    "VisPruner",
     "VisionDrop",
     "VisionZip",
     "available_methods",
