@@ -39,6 +39,7 @@ def test_the_registry_has_every_method():
         "divprune",
         "vispruner",
         "holov",
+        "sparsevlm",
         "random",
         "pooling",
         "none",

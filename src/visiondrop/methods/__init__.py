@@ -1,6 +1,10 @@
 """One file per method; each registers its class by name (import order = listing order)."""
 
-from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune, vispruner, holov, simple, none  # noqa: F401, I001
+# isort: off
+from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune  # noqa: F401
+from . import vispruner, holov, sparsevlm, simple, none  # noqa: F401
+
+# isort: on
 from .base import MethodInfo, PruningMethod, available_methods, build, method_class, register
 from .dart import DART
 from .divprune import DivPrune
@@ -9,6 +13,7 @@ from .holov import HoloV
 from .none import NoPruning
 from .pyramiddrop import PyramidDrop
 from .simple import Pooling, RandomPruning
+from .sparsevlm import SparseVLM
 from .visiondrop import VisionDrop
 from .visionzip import VisionZip
 from .vispruner import VisPruner
@@ -24,6 +29,7 @@ __all__ = [
     "PruningMethod",
     "PyramidDrop",
     "RandomPruning",
+    "SparseVLM",
     "VisPruner",
     "VisionDrop",
     "VisionZip",
