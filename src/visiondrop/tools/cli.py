@@ -216,6 +216,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _parse_positions(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    from ..methods.base import POSITION_POLICIES
+
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POSITION_POLICIES]
+    if bad or not policies:
+        raise CLIError(f"--positions {text!r}: use a comma-separated list of {', '.join(POSITION_POLICIES)}")
+    return policies
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
     import time
@@ -241,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         budget_mode=args.budget_mode,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        positions=_parse_positions(args.positions),
     )
     print(markdown_tables(rows))
     print(f"\n({len(rows)} runs in {time.time() - start:.0f} s)")
@@ -292,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", default="192,128,64", help="comma-separated budgets (default 192,128,64)"
     )
     evaluate.add_argument("--budget-mode", default="average", choices=["average", "input"])
+    evaluate.add_argument(
+        "--positions",
+        help="run every method under each of these position policies, e.g. preserve,compact (default: each "
+        "method's own default)",
+    )
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     evaluate.add_argument("--n", type=int, default=300, help="samples (default 300)")
