@@ -40,6 +40,7 @@ def test_the_registry_has_every_method():
         "vispruner",
         "holov",
         "sparsevlm",
+        "vscan",
         "random",
         "pooling",
         "none",

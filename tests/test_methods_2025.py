@@ -93,6 +93,7 @@ def test_allocate_is_proportional_capped_and_exact():
     capped = allocate(torch.tensor([0.9, 0.05, 0.05]), torch.tensor([3, 10, 10]), 9)
     assert capped.tolist()[0] == 3 and capped.sum() == 9
     assert allocate(torch.tensor([1.0, 0.0]), torch.tensor([2, 2]), 4).tolist() == [2, 2]
+    assert allocate(torch.ones(4), torch.tensor([9, 9, 9, 9]), 10).tolist() == [3, 3, 2, 2]  # ties spread
     with pytest.raises(ValueError, match="cannot place 5"):
         allocate(torch.tensor([1.0, 1.0]), torch.tensor([2, 2]), 5)
 
@@ -315,3 +316,57 @@ def test_sparsevlm_in_a_padded_batch_is_exact_and_reversible(llava):
         assert torch.equal(generate(llava, batch), first)
     assert model_state(llava) == before
     assert [im.counts() for im in run.report.images] == [method.schedule(N_TOKENS, LAYERS).counts()] * 3
+
+
+# --- VScan ---------------------------------------------------------------------------------------------------------
+
+
+def test_vscan_schedule_meets_the_budget_in_both_modes():
+    average = vd.build("vscan", budget=64).schedule(576, 32)
+    assert average.counts() == [85, 42] and [s.layer for s in average.stages] == [0, 16]
+    assert average.layer_average == pytest.approx(64, abs=1)
+    assert vd.build("vscan", budget=64, budget_mode="input").schedule(576, 32).counts() == [64, 32]
+    assert vd.build("vscan", budget=64, llm_ratio=1.0).schedule(576, 32).counts() == [64]
+    with pytest.raises(ValueError, match=r"vscan: layer=8 is outside 1\.\.7"):
+        vd.build("vscan", budget=24, layer=8).schedule(64, 8)
+
+
+def test_vscan_global_and_local_scans_then_merge_into_the_nearest_selected(llava):
+    batch = make_batch(RAGGED)
+    method = vd.build("vscan", budget=20, budget_mode="input", global_share=0.5)
+    with torch.no_grad(), method.apply(llava) as run:
+        _, cls = _feature_layer(llava, batch["pixel_values"])
+        llava(**batch)
+    window = crop_ids(((8, 8),), N_TOKENS, 4)
+    for im, scores in zip(run.report.images, cls, strict=True):
+        view = im.stages[0]
+        assert view.tokens == view.contextual == 20
+        chosen = set(view.token_patch)
+        top = set(scores.argsort(descending=True, stable=True)[:10].tolist())
+        assert top <= chosen  # the global scan
+        local = torch.tensor(sorted(chosen - top))
+        # local scans: the rest is an even share per window, each the window's best remaining patches
+        assert torch.bincount(window[local], minlength=4).tolist() == [3, 3, 2, 2]
+        for w in range(4):
+            rest = [p for p in range(N_TOKENS) if window[p] == w and p not in top]
+            picked = [p for p in local.tolist() if window[p] == w]
+            best = sorted(rest, key=lambda p: -scores[p])[: len(picked)]
+            assert sorted(picked) == sorted(best)
+        assert all(owner >= 0 for owner in view.patch_owner)  # every patch merged into a selected token
+        assert im.counts() == [20, 10]
+
+
+def test_vscan_runs_on_every_family(llava, next_model, qwen):
+    for model, batch in (
+        (llava, make_batch(RAGGED)),
+        (next_model, next_batch(next_model)),
+        (qwen, test_families._qwen_batch()),
+    ):
+        method = vd.build("vscan", budget=0.5, budget_mode="input")
+        before = model_state(model)
+        with method.apply(model) as run:
+            generate(model, batch, max_new_tokens=4)
+        assert model_state(model) == before
+        layers = model.config.text_config.num_hidden_layers
+        for im in run.report.images:
+            assert im.counts() == method.schedule(im.image_tokens, layers, im.grids).counts()

@@ -2,7 +2,7 @@
 
 # isort: off
 from . import visiondrop, fastv, pyramiddrop, visionzip, dart, divprune  # noqa: F401
-from . import vispruner, holov, sparsevlm, simple, none  # noqa: F401
+from . import vispruner, holov, sparsevlm, vscan, simple, none  # noqa: F401
 
 # isort: on
 from .base import MethodInfo, PruningMethod, available_methods, build, method_class, register
@@ -17,6 +17,7 @@ from .sparsevlm import SparseVLM
 from .visiondrop import VisionDrop
 from .visionzip import VisionZip
 from .vispruner import VisPruner
+from .vscan import VScan
 
 __all__ = [
     "DART",
@@ -30,6 +31,7 @@ __all__ = [
     "PyramidDrop",
     "RandomPruning",
     "SparseVLM",
+    "VScan",
     "VisPruner",
     "VisionDrop",
     "VisionZip",

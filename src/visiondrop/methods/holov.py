@@ -163,9 +163,11 @@ def allocate(weights: torch.Tensor, capacity: torch.Tensor, total: int) -> torch
             w = open_.double()
         share = w / w.sum() * left
         add = torch.minimum(share.floor().long(), capacity - quota)
-        if int(add.sum()) == 0:  # hand out single tokens by largest remainder among open crops
+        if int(add.sum()) == 0:
+            # Every share is below one token, so fewer tokens are left than open crops: one each to the
+            # largest remainders (ties to the lower index).
             remainder = torch.where(open_, share - share.floor(), torch.full_like(share, -1.0))
             add = torch.zeros_like(quota)
-            add[int(remainder.argmax())] = 1
+            add[ops.top_k_sorted(remainder[None].float(), left)[0]] = 1
         quota += add
     return quota
