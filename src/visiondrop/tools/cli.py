@@ -279,6 +279,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiondrop", description=__doc__)
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="import this module or .py file first, so the methods it registers can be used (repeatable; also "
+        "VISIONDROP_PLUGINS=a,b)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer one question unpruned and pruned, show what was kept")
@@ -329,11 +336,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_plugins(plugins: Sequence[str]) -> None:
+    """Import each plugin (a module name, or a path to a ``.py`` file) for the methods it registers."""
+    import importlib
+    import importlib.util
+
+    for plugin in plugins:
+        plugin = plugin.strip()
+        if plugin.endswith(".py"):
+            path = Path(plugin)
+            if not path.is_file():
+                raise CLIError(f"--plugin {plugin!r}: no such file")
+            spec = importlib.util.spec_from_file_location(f"visiondrop_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as err:
+                raise CLIError(f"--plugin {plugin!r}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        load_plugins([*filter(None, os.environ.get("VISIONDROP_PLUGINS", "").split(",")), *args.plugin])
         return args.func(args)
     except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("VISIONDROP_DEBUG"):
