@@ -370,3 +370,38 @@ def test_vscan_runs_on_every_family(llava, next_model, qwen):
         layers = model.config.text_config.num_hidden_layers
         for im in run.report.images:
             assert im.counts() == method.schedule(im.image_tokens, layers, im.grids).counts()
+
+
+# --- VisionDrop: farthest-point anchors (beyond the paper) -----------------------------------------------------
+
+
+def test_farthest_anchors_cover_every_cluster_and_avoid_the_covered_one():
+    from visiondrop.ops import farthest_anchors
+
+    directions = torch.eye(4)
+    points = torch.cat([directions[i].expand(3, -1) + 0.01 * i for i in range(4)])[None]  # 4 clusters of 3
+    assert sorted((farthest_anchors(points, 4)[0] // 3).tolist()) == [0, 1, 2, 3]
+    covered = directions[:1][None]  # cluster 0 is already represented by a kept token
+    picks = farthest_anchors(points, 3, covered=covered)[0]
+    assert sorted((picks // 3).tolist()) == [1, 2, 3]
+    with pytest.raises(ValueError, match="cannot pick 13 contextual anchors from 12"):
+        farthest_anchors(points, 13)
+
+
+def test_visiondrop_farthest_anchors_run_exact_and_decode_consistent(llava):
+    batch = make_batch(RAGGED)
+    reports = {}
+    for anchors in ("stride", "farthest"):
+        method = vd.build("visiondrop", budget=24, anchors=anchors)
+        with method.apply(llava) as run:
+            cached = generate(llava, batch)
+            assert torch.equal(generate(llava, batch, use_cache=False), cached)
+        schedule = method.schedule(N_TOKENS, LAYERS, ((8, 8),))
+        assert [im.counts() for im in run.report.images] == [schedule.counts()] * 3
+        reports[anchors] = run.report.images[0].stages[0]
+    stride, farthest = reports["stride"], reports["farthest"]
+    assert stride.kept_patches() == farthest.kept_patches()  # the same dominant tokens
+    assert stride.token_patch != farthest.token_patch  # different anchors
+    assert vd.VisionDrop.reference(budget=24).anchors == "stride"
+    with pytest.raises(ValueError, match="anchors must be one of 'stride', 'farthest', got 'grid'"):
+        vd.build("visiondrop", anchors="grid")
