@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs.add_parser(sub)
     bench.add_parser(sub)
+    from . import plot  # `visiondrop plot`
+
+    plot.add_parser(sub)
     return parser
 
 
