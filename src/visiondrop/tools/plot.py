@@ -131,8 +131,11 @@ def draw_accuracy_vs_flops(rows: Sequence[dict[str, Any]], title: str = "") -> I
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    data = json.loads(Path(args.eval_json).read_text())
-    rows = data["results"] if isinstance(data, dict) else data
+    rows: list[dict[str, Any]] = []
+    for path in args.eval_json:  # several evals of the same samples: one unpruned row is enough
+        data = json.loads(Path(path).read_text())
+        more = data["results"] if isinstance(data, dict) else data
+        rows += [r for r in more if not (r["method"] == "none" and any(x["method"] == "none" for x in rows))]
     image = draw_accuracy_vs_flops(rows, title=args.title or "")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,7 @@ def add_parser(subparsers: Any) -> None:
     plot = subparsers.add_parser(
         "plot", help="accuracy vs prefill FLOPs (PNG) from a `visiondrop eval --json` file"
     )
-    plot.add_argument("eval_json", help="the file `visiondrop eval --json` wrote")
+    plot.add_argument("eval_json", nargs="+", help="the file(s) `visiondrop eval --json` wrote")
     plot.add_argument("--out", default="accuracy_vs_flops.png", help="PNG to write")
     plot.add_argument("--title", help="title line")
     plot.set_defaults(func=cmd_plot)
