@@ -53,6 +53,29 @@ def test_tables_show_retention_and_explain_missing_cells():
         {"method": "fastv", "budget": 64, "budget_mode": "average", "error": "out of reach (lowest: 144.0)"},
     ]
     table = markdown_tables(rows)
-    assert "| visiondrop | 0.760 (95.0%, avg 64) |" in table
+    assert "| visiondrop | 0.760 ± 0.135 (95.0%, avg 64) |" in table  # sqrt(0.76 * 0.24 / 10)
     assert "| fastv | n/a [1] |" in table and "[1] fastv at 64: out of reach (lowest: 144.0)" in table
     assert "| none | - | 0.900 | 0.700 |" in table
+
+
+def test_eval_compares_every_method_under_each_position_policy(tmp_path, capsys):
+    import json
+
+    from visiondrop.tools.cli import main
+
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--methods", "divprune,visiondrop:positions=compact", "--budgets", "64", "--n", "6"]
+    assert main([*argv, "--positions", "preserve,compact", "--json", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["results"][1:]
+    got = [(r["method"], r["positions"]) for r in rows]
+    assert got == [
+        ("divprune:positions=preserve", "preserve"),
+        ("visiondrop:positions=compact", "compact"),  # a spec that fixes its policy runs once, as given
+        ("divprune:positions=compact", "compact"),
+    ]
+    for r in rows:
+        assert r["stderr"] == pytest.approx((r["accuracy"] * (1 - r["accuracy"]) / 6) ** 0.5)
+    assert main([*argv, "--positions", "preserve,shifted"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--positions 'preserve,shifted': use a comma-separated list of auto, compact, preserve" in err

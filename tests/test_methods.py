@@ -16,7 +16,17 @@ from visiondrop.tools.cli import methods_table
 LAYERS = 8
 ALL = vd.available_methods()
 #: Visual-only methods (and none) must give the same tokens with use_cache=False.
-DECODE_CONSISTENT = {"visiondrop", "visionzip", "dart", "divprune", "random", "pooling", "none"}
+DECODE_CONSISTENT = {
+    "visiondrop",
+    "visionzip",
+    "dart",
+    "divprune",
+    "vispruner",
+    "holov",
+    "random",
+    "pooling",
+    "none",
+}
 
 
 def test_the_registry_has_every_method():
@@ -27,6 +37,10 @@ def test_the_registry_has_every_method():
         "visionzip",
         "dart",
         "divprune",
+        "vispruner",
+        "holov",
+        "sparsevlm",
+        "vscan",
         "random",
         "pooling",
         "none",

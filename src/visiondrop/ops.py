@@ -21,6 +21,7 @@ __all__ = [
     "assign_to_anchors",
     "cls_attention",
     "contextual_selection",
+    "farthest_anchors",
     "grid_pool_selection",
     "max_min_diversity",
     "merge_groups",
@@ -353,6 +354,7 @@ def contextual_selection(
     forced: torch.Tensor | None = None,
     merge: str = "reference",
     space: str = "vision",
+    anchors: str = "stride",
 ) -> Selection:
     """Dominant tokens by score plus contextual tokens merged by similarity (VisionDrop / VisionZip, SPEC §3–4).
 
@@ -370,11 +372,16 @@ def contextual_selection(
         Tokens that may be chosen or merged (default all). Non-candidates that are not forced are dropped.
     forced : LongTensor, shape (f,), optional
         Tokens always kept, counted among the dominant ones.
+    anchors : str
+        ``"stride"``: every ``r // c``-th remaining token (the release); ``"farthest"``: farthest-point sampling
+        over ``metric`` (:func:`farthest_anchors`), for coverage.
 
     Returns
     -------
     Selection
     """
+    if anchors not in ("stride", "farthest"):
+        raise ValueError(f"anchors must be 'stride' or 'farthest', got {anchors!r}")
     num_images, n = scores.shape
     device = scores.device
     if candidates is None:
@@ -391,12 +398,51 @@ def contextual_selection(
     num_rest = int(rest_mask[0].sum())
     # Every image has the same number of remaining candidates, so R is a rectangular (I, r) index tensor.
     rest = torch.nonzero(rest_mask, as_tuple=False)[:, 1].view(num_images, num_rest)
-    anchor_pos = stride_anchors(num_rest, num_contextual, device)
     rest_metric = metric.gather(1, rest.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+    if anchors == "stride":
+        anchor_pos = stride_anchors(num_rest, num_contextual, device).expand(num_images, -1)
+    else:
+        kept_metric = metric.gather(1, keep.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+        anchor_pos = farthest_anchors(rest_metric, num_contextual, covered=kept_metric)
     slot_rest = assign_to_anchors(rest_metric, anchor_pos)
     assign = torch.full((num_images, n), -1, dtype=torch.long, device=device).scatter(1, rest, slot_rest)
-    anchors = rest[:, anchor_pos]
-    return Selection(keep=keep, anchors=anchors, assign=assign, merge=merge, space=space)
+    return Selection(keep=keep, anchors=rest.gather(1, anchor_pos), assign=assign, merge=merge, space=space)
+
+
+def farthest_anchors(
+    metric: torch.Tensor, num_anchors: int, covered: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Farthest-point sampling under cosine distance: each next anchor is the token farthest from every token
+    chosen so far (and from the ``covered`` ones, e.g. the dominant tokens), so anchors spread over what the kept
+    tokens do not already represent. Ties go to the lower index.
+
+    Parameters
+    ----------
+    metric : Tensor, shape (I, r, d)
+    num_anchors : int
+    covered : Tensor, shape (I, k, d), optional
+
+    Returns
+    -------
+    LongTensor, shape (I, num_anchors): positions among the ``r``, ascending.
+    """
+    num_images, r, _ = metric.shape
+    if num_anchors > r:
+        raise ValueError(f"cannot pick {num_anchors} contextual anchors from {r} remaining tokens")
+    unit = F.normalize(metric.float(), dim=-1)
+    if covered is not None and covered.shape[1]:
+        nearest = 1 - torch.matmul(unit, F.normalize(covered.float(), dim=-1).transpose(1, 2)).amax(-1)
+    else:
+        nearest = torch.full((num_images, r), float("inf"), device=metric.device)
+    chosen = []
+    rows = torch.arange(num_images, device=metric.device)
+    for _ in range(num_anchors):
+        pick = nearest.argmax(dim=1)  # argmax returns the first maximum: ties to the lower index
+        chosen.append(pick)
+        distance = 1 - torch.matmul(unit, unit[rows, pick].unsqueeze(-1)).squeeze(-1)
+        nearest = torch.minimum(nearest, distance)
+        nearest[rows, pick] = float("-inf")
+    return torch.stack(chosen, dim=1).sort(dim=1).values
 
 
 def grid_pool_selection(

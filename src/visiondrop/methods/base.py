@@ -16,7 +16,15 @@ if TYPE_CHECKING:
     from ..models.base import LLMTokens, ModelAdapter, VisionTokens
     from ..runtime import Run
 
-__all__ = ["MethodInfo", "PruningMethod", "available_methods", "build", "method_class", "register"]
+__all__ = [
+    "POSITION_POLICIES",
+    "MethodInfo",
+    "PruningMethod",
+    "available_methods",
+    "build",
+    "method_class",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class MethodInfo:
     merges: bool
     paper: str
 
+
+#: The values of every method's ``positions`` field.
+POSITION_POLICIES = ("auto", "compact", "preserve")
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 
@@ -91,17 +102,21 @@ class PruningMethod:
     budget_mode : str
         ``"average"``: the budget is the layer-average visual token count (the convention in-LLM papers quote);
         ``"input"``: the budget is the count entering the LLM (like-for-like with pre-LLM methods).
+    positions : str
+        The position policy (SPEC §5), one meaning for every method: ``"compact"`` renumbers the positions after
+        each stage (what most papers' code does), ``"preserve"`` keeps each surviving token's original position (a
+        merged token takes its anchor's), ``"auto"`` is compact where the model's positions are 1-D RoPE and
+        preserve for M-RoPE models (Qwen2-VL), where compact has no meaning. Default ``"auto"``
+        (VisionDrop: ``"preserve"``).
     """
 
     budget: int | float = 64
     budget_mode: str = "average"
+    positions: str = "auto"
 
     #: Registry name.
     name: ClassVar[str] = ""
     info: ClassVar[MethodInfo]
-    #: Position policy (SPEC §5): ``compact`` renumbers positions after each stage, ``preserve`` keeps the original
-    #: ones, ``auto`` is compact where the model's positions are 1-D and preserve for M-RoPE models.
-    positions: str = dataclasses.field(default="auto", init=False, repr=False)
     #: Whether the method ranks by [CLS] attention and so needs a vision encoder with [CLS].
     requires_cls: ClassVar[bool] = False
 
@@ -118,6 +133,10 @@ class PruningMethod:
             )
         if self.budget_mode not in ("average", "input"):
             raise ValueError(f"budget_mode must be 'average' or 'input', got {self.budget_mode!r}")
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(
+                f"positions must be one of {', '.join(map(repr, POSITION_POLICIES))}, got {self.positions!r}"
+            )
 
     # --- budgets and schedules ------------------------------------------------------------------------------
     def budget_tokens(self, image_tokens: int) -> float:

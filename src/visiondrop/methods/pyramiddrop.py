@@ -106,7 +106,7 @@ class PyramidDrop(PruningMethod):
                     break
         if ratio is None:
             raise ValueError(
-                f"pyramiddrop: a layer-average budget of {self.budget_tokens(image_tokens):g} is out of reach with "
+                f"{self.name}: a layer-average budget of {self.budget_tokens(image_tokens):g} is out of reach with "
                 f"boundaries {marks}; give earlier boundaries or use budget_mode='input'"
             )
         stages = [Stage(0, image_tokens)]

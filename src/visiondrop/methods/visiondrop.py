@@ -65,6 +65,9 @@ class VisionDrop(PruningMethod):
     debias : bool
         Beyond the paper: average each in-LLM score column over only the image queries that can see it under the
         causal mask, removing the bias toward early image tokens (SPEC §4.2).
+    anchors : str
+        Contextual anchors: ``"stride"`` (every ``r // c``-th remaining token, the release) or, beyond the paper,
+        ``"farthest"`` (farthest-point sampling over the keys, away from the dominant tokens too: coverage).
     """
 
     budget: int | float = 64
@@ -76,6 +79,7 @@ class VisionDrop(PruningMethod):
     merge: str = "reference"
     positions: str = "preserve"
     debias: bool = False
+    anchors: str = "stride"
 
     name = "visiondrop"
     info = MethodInfo(
@@ -90,6 +94,7 @@ class VisionDrop(PruningMethod):
         _choice("score", self.score, _SCORES)
         _choice("merge", self.merge, _MERGES)
         _choice("positions", self.positions, _POSITIONS)
+        _choice("anchors", self.anchors, ("stride", "farthest"))
         if not isinstance(self.keep_cls, bool):
             raise TypeError(f"keep_cls must be a bool, got {self.keep_cls!r}")
         if not isinstance(self.debias, bool):
@@ -109,7 +114,9 @@ class VisionDrop(PruningMethod):
     def reference(cls, budget: int | float = 64, **overrides: Any) -> VisionDrop:
         """The preset that reproduces the authors' release (SPEC §6): [CLS] scoring, [CLS] kept, strided anchors,
         anchor + mean(members), next-layer full-sequence scoring, compact positions."""
-        settings = dict(score="cls", keep_cls=True, merge="reference", positions="compact", debias=False)
+        settings = dict(
+            score="cls", keep_cls=True, merge="reference", positions="compact", debias=False, anchors="stride"
+        )
         settings.update(overrides)
         return cls(budget=budget, **settings)
 
@@ -171,12 +178,13 @@ class VisionDrop(PruningMethod):
             forced=forced,
             merge=self.merge,
             space="vision",
+            anchors=self.anchors,
         )
 
     def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
         scores = tokens.visual_attention(debias=self.debias)
         return ops.contextual_selection(
-            scores, tokens.keys(), stage.dominant, stage.contextual, merge=self.merge
+            scores, tokens.keys(), stage.dominant, stage.contextual, merge=self.merge, anchors=self.anchors
         )
 
 

@@ -293,6 +293,33 @@ class LLMTokens:
         keys = self.stack.expand_kv(self._keys)
         return ops.query_attention(q, keys, self._valid, self.columns)
 
+    def question_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention every prompt token after the image gives each image token (SparseVLM's candidate raters).
+
+        Each query's softmax runs over the keys it sees (causal and padding masks, fp32), mean over heads.
+
+        Returns
+        -------
+        attention : Tensor, shape (I, Q, n)
+            Row ``j``: the ``j``-th token after the image (up to the row's last prompt token).
+        valid : BoolTensor, shape (I, Q)
+            False for rows past an image's last prompt token (images followed by fewer tokens). An image with no
+            token after it gets its last prompt token as the one query.
+        """
+        after = self.columns[:, -1] + 1  # (I,)
+        count = (self._last - after + 1).clamp(min=1)
+        steps = torch.arange(int(count.max()), device=after.device)
+        columns = torch.minimum(after[:, None] + steps, self._last[:, None])  # (I, Q)
+        valid = steps[None, :] < count[:, None]
+        q = self._queries_at(columns).float()  # (I, H, Q, d)
+        keys = self.stack.expand_kv(self._keys).float()  # (I, H, T, d)
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        seen = self._valid[:, None, :] & (
+            torch.arange(keys.shape[2], device=q.device)[None, None, :] <= columns[:, :, None]
+        )
+        probs = torch.softmax(logits.masked_fill(~seen[:, None], float("-inf")), dim=-1).mean(1)  # (I, Q, T)
+        return probs.gather(2, self.columns[:, None, :].expand(-1, probs.shape[1], -1)), valid
+
     def keys(self) -> torch.Tensor:
         """(I, n, d) post-RoPE keys of the image tokens averaged over heads: the merge metric."""
         k = self._keys.mean(1)  # (I, T, d)

@@ -258,6 +258,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _parse_positions(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    from ..methods.base import POSITION_POLICIES
+
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POSITION_POLICIES]
+    if bad or not policies:
+        raise CLIError(f"--positions {text!r}: use a comma-separated list of {', '.join(POSITION_POLICIES)}")
+    return policies
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
     import time
@@ -283,6 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         budget_mode=args.budget_mode,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        positions=_parse_positions(args.positions),
     )
     print(markdown_tables(rows))
     print(f"\n({len(rows)} runs in {time.time() - start:.0f} s)")
@@ -308,6 +321,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiondrop", description=__doc__)
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="import this module or .py file first, so the methods it registers can be used (repeatable; also "
+        "VISIONDROP_PLUGINS=a,b)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer one question unpruned and pruned, show what was kept")
@@ -334,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", default="192,128,64", help="comma-separated budgets (default 192,128,64)"
     )
     evaluate.add_argument("--budget-mode", default="average", choices=["average", "input"])
+    evaluate.add_argument(
+        "--positions",
+        help="run every method under each of these position policies, e.g. preserve,compact (default: each "
+        "method's own default)",
+    )
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     evaluate.add_argument("--n", type=int, default=300, help="samples (default 300)")
@@ -356,7 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
     from . import table  # `visiondrop table`, `visiondrop lmms-tasks` (lmms-eval outputs and tasks)
 
     table.add_parser(sub)
+    from . import plot  # `visiondrop plot`
+
+    plot.add_parser(sub)
     return parser
+
+
+def load_plugins(plugins: Sequence[str]) -> None:
+    """Import each plugin (a module name, or a path to a ``.py`` file) for the methods it registers."""
+    import importlib
+    import importlib.util
+
+    for plugin in plugins:
+        plugin = plugin.strip()
+        if plugin.endswith(".py"):
+            path = Path(plugin)
+            if not path.is_file():
+                raise CLIError(f"--plugin {plugin!r}: no such file")
+            spec = importlib.util.spec_from_file_location(f"visiondrop_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as err:
+                raise CLIError(f"--plugin {plugin!r}: {err}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        load_plugins([*filter(None, os.environ.get("VISIONDROP_PLUGINS", "").split(",")), *args.plugin])
         return args.func(args)
     except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("VISIONDROP_DEBUG"):

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..methods import build, method_class
 
-__all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval"]
+__all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval", "standard_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,13 @@ def run_eval(
     budget_mode: str = "average",
     batch_size: int = 16,
     progress: bool = True,
+    positions: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy of the unpruned model and of every spec at every budget, on the same samples.
+
+    ``positions`` (e.g. ``["preserve", "compact"]``) runs every spec under each position policy, so that methods are
+    compared at equal policy; a spec that fixes ``positions`` itself runs once, as given. Each run's label then ends
+    in ``:positions=<policy>``.
 
     Returns
     -------
@@ -100,7 +105,15 @@ def run_eval(
     rows: list[dict[str, Any]] = []
     base = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)
     rows.append(_row("none", None, None, base, None))
-    for spec in specs:
+    runs: list[MethodSpec] = []
+    for policy in positions or [None]:
+        for spec in specs:
+            if policy is None or "positions" in dict(spec.fields):
+                if spec not in runs:
+                    runs.append(spec)
+            else:
+                runs.append(MethodSpec(spec.name, (*spec.fields, ("positions", policy))))
+    for spec in runs:
         for budget in budgets:
             try:
                 method = spec.build(budget, budget_mode)
@@ -113,10 +126,17 @@ def run_eval(
                 )
                 continue
             rows.append(_row(spec.label, budget, budget_mode, result, run.report))
+            rows[-1]["positions"] = method.positions
     for row in rows:
         if "accuracy" in row:
             row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else math.nan
+            row["stderr"] = standard_error(row["accuracy"], row["n"])
     return rows
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """One binomial standard error of an accuracy measured on ``n`` samples: ``sqrt(p (1 - p) / n)``."""
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan
 
 
 def _row(label: str, budget: Any, mode: Any, result: dict, report: Any) -> dict[str, Any]:
@@ -154,7 +174,8 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
             labels.append(r["method"])
     mode = next((r["budget_mode"] for r in rows if r["method"] != "none"), "average")
     lines = [
-        f"Accuracy (retention vs. unpruned {base['accuracy']:.3f}), n = {base['n']}, budget mode: {mode}",
+        f"Accuracy ± one standard error (retention vs. unpruned {base['accuracy']:.3f}), n = {base['n']}, "
+        f"budget mode: {mode}",
         "",
         "| method | " + " | ".join(str(b) for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
@@ -172,7 +193,8 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
             else:
                 avg = row.get("schedule", {}).get("layer_average")
                 kept = f", avg {avg:.0f}" if avg is not None else ""
-                cells.append(f"{row['accuracy']:.3f} ({100 * row['retention']:.1f}%{kept})")
+                se = standard_error(row["accuracy"], row["n"])
+                cells.append(f"{row['accuracy']:.3f} ± {se:.3f} ({100 * row['retention']:.1f}%{kept})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if notes:
         lines.append("")
