@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from .. import flops
+from ..compat import no_init_weights
 from ..methods import build, method_class
 from .costs import format_bytes, format_table, parse_budget, parse_settings
 
@@ -176,15 +177,6 @@ def bench_config(model: str = "llava-1.5-7b", layers: int | None = None) -> Any:
     return config
 
 
-def _no_init() -> Any:
-    """transformers' context that skips weight initialisation (5.x keeps it in ``transformers.initialization``)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older 5.x layouts
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def random_model(config: Any, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """A ``LlavaForConditionalGeneration`` of ``config`` with random weights, built fast, in eval mode.
 
@@ -196,7 +188,7 @@ def random_model(config: Any, *, dtype: torch.dtype, device: torch.device, seed:
     from transformers import LlavaForConditionalGeneration
 
     std = float(getattr(config.text_config, "initializer_range", 0.02) or 0.02)
-    with _no_init(), torch.device(device):
+    with no_init_weights(), torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
