@@ -34,6 +34,9 @@ class BenchImage:
         The image's patch grids as the adapter reports them (what grid-shaped methods schedule on).
     vit_tokens : int
         Tokens of one vision-tower pass (one crop for LLaVA, the whole image for Qwen2-VL).
+    modality_ids : str, optional
+        The model input that marks each position's modality (Qwen2-VL's ``mm_token_type_ids``: 1 at visual tokens),
+        or ``None`` when the family has none.
     """
 
     inputs: dict[str, Any]
@@ -42,6 +45,7 @@ class BenchImage:
     tokens: int
     grids: tuple[tuple[int, int], ...]
     vit_tokens: int
+    modality_ids: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

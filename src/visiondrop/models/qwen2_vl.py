@@ -407,6 +407,7 @@ def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchIm
         tokens=tokens,
         grids=((h // merge, w // merge),),
         vit_tokens=h * w,
+        modality_ids="mm_token_type_ids",
     )
 
 
