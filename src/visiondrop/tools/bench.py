@@ -59,8 +59,12 @@ __all__ = [
     "add_parser",
     "bench_config",
     "make_inputs",
+    "parse_methods",
     "random_model",
+    "resolve_device",
+    "resolve_dtype",
     "run_bench",
+    "run_bench_command",
 ]
 
 logger = logging.getLogger(__name__)
