@@ -21,7 +21,6 @@ The policy visiondrop applies when a vision stage prunes an image (documented in
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any
@@ -334,7 +333,7 @@ def llava_next_image_tokens(arch: flops.ArchSpec, height: int, width: int) -> tu
     """
     if arch.family != "llava_next" or arch.image_size is None or arch.image_features_per_crop is None:
         raise ValueError(f"llava_next_image_tokens needs a llava_next architecture, got {arch.family!r}")
-    height, width = _pixels(height, "height"), _pixels(width, "width")
+    height, width = flops._count(height, "height"), flops._count(width, "width")
     if height == 0 or width == 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     grid_h, grid_w = _best_grid(arch.image_grid_pinpoints, height, width)
@@ -343,16 +342,6 @@ def llava_next_image_tokens(arch: flops.ArchSpec, height: int, width: int) -> tu
     r0, r1, c0, c1 = _unpadded_window((height, width), grid_rows * side, grid_cols * side)
     rows, cols = r1 - r0, c1 - c0
     return 1 + grid_rows * grid_cols, arch.image_features_per_crop + rows * cols + rows
-
-
-def _pixels(value: Any, what: str) -> int:
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"{what} must be >= 0, got {n}")
-    return n
 
 
 def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> flops.ImageShape:

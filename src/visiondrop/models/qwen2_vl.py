@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any
@@ -242,16 +241,6 @@ class Qwen2VLAdapter(ModelAdapter):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pixels(value: Any, what: str) -> int:
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"{what} must be >= 0, got {n}")
-    return n
-
-
 def qwen2_vl_resize(
     height: int,
     width: int,
@@ -266,7 +255,7 @@ def qwen2_vl_resize(
     then exceeds ``max_pixels`` (or falls below ``min_pixels``) the image is scaled uniformly to fit,
     rounding sides down (up). Defaults are transformers' processor defaults.
     """
-    height, width = _pixels(height, "height"), _pixels(width, "width")
+    height, width = flops._count(height, "height"), flops._count(width, "width")
     if height == 0 or width == 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     h = round(height / factor) * factor
@@ -316,7 +305,7 @@ def qwen2_vl_image_tokens(
     if resize:
         h, w = qwen2_vl_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     else:
-        h, w = _pixels(height, "height"), _pixels(width, "width")
+        h, w = flops._count(height, "height"), flops._count(width, "width")
         if h == 0 or w == 0 or h % factor or w % factor:
             raise ValueError(f"image size {h}x{w} must be positive multiples of {factor} when resize=False")
     patches = (h // patch_size) * (w // patch_size)
