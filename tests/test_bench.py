@@ -1,4 +1,4 @@
-"""``visiondrop bench`` (``visiondrop.tools.bench``) on a tiny LLaVA config: the code path, the JSON it writes, what its
+"""``visiondrop bench`` (``visiondrop.tools.bench``) on tiny LLaVA, LLaVA-NeXT and Qwen2-VL configs: the code path, the JSON it writes, what its
 hooks count and the errors users get. Nothing here depends on how fast anything ran."""
 
 from __future__ import annotations
@@ -173,18 +173,98 @@ def test_bad_input_is_one_line_value_error(tiny_config: Path, argv: list[str], m
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("model", "message"),
-    [
-        ("llava-next-7b", "model_type 'llava_next'"),
-        ("qwen2-vl-7b", "model_type 'qwen2_vl'"),
+def test_unsupported_models(tmp_path: Path) -> None:
+    llama = tmp_path / "config.json"
+    llama.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    for model, message in (
+        (str(llama), "unsupported model_type 'llama'"),
         ("llava-9b", "--model 'llava-9b'"),
-    ],
-)
-def test_unsupported_models(model: str, message: str) -> None:
-    args = bench_command("--model", model, "--quiet")
-    with pytest.raises(ValueError, match=message):
-        args.func(args)
+    ):
+        args = bench_command("--model", model, "--quiet")
+        with pytest.raises(ValueError, match=message) as info:
+            args.func(args)
+        assert "\n" not in str(info.value)
+
+
+def test_every_shipped_family_builds_a_config() -> None:
+    """The paper's LLaVA-NeXT-7B and Qwen2-VL-7B shapes, truncated, without building a model."""
+    from visiondrop.models.family import family_of
+
+    for model, classes in (
+        ("llava-next-7b", "LlavaNextForConditionalGeneration"),
+        ("qwen2-vl-7b", "Qwen2VL"),
+    ):
+        config = bench.bench_config(model, 2)
+        assert config.text_config.num_hidden_layers == 2
+        assert family_of(config.model_type).model_class(config.model_type).startswith(classes)
+    next_image = family_of("llava_next").bench_image(
+        bench.bench_config("llava-next-7b", 2), 1, torch.Generator()
+    )
+    assert next_image.tokens == 2928 and next_image.grids == (
+        (24, 24),
+        (48, 48),
+    )  # the 672 x 672 grid, newlines in
+    qwen_image = family_of("qwen2_vl").bench_image(bench.bench_config("qwen2-vl-7b", 2), 1, torch.Generator())
+    assert qwen_image.tokens == 576 and qwen_image.vit_tokens == 48 * 48
+
+
+def _tiny_family_config(family: str) -> object:
+    from visiondrop.testing import tiny_llava_next_config, tiny_qwen2_vl_config
+
+    if family == "llava_next":
+        return tiny_llava_next_config(layers=LAYERS)
+    return tiny_qwen2_vl_config(version="2" if family == "qwen2_vl" else "2.5", layers=LAYERS)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_other_families(family: str, tmp_path: Path) -> None:
+    """LLaVA-NeXT and Qwen2-VL / 2.5-VL: the same code path and JSON, counts exactly as the schedules say."""
+    from visiondrop.models.family import family_of
+
+    config = _tiny_family_config(family)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "bench.json"
+    args = bench_command(
+        *quick(path, "--methods", "visiondrop,random,fastv", "--budget", "0.3", "--budget-mode", "input"),
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "2",
+        "--batch",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    image = family_of(family).bench_image(bench.bench_config(str(path)), 1, torch.Generator())
+    assert result["image_tokens"] == image.tokens == (88 if family == "llava_next" else 576)
+    assert [r["method"] for r in result["results"]] == ["visiondrop", "random", "fastv"]
+    arch = vf.ArchSpec.from_config(config)
+    assert arch.family == family
+    for r in [result["unpruned"], *result["results"]]:
+        schedule = build(r["method"], budget=0.3, budget_mode="input").schedule(
+            image.tokens, LAYERS, image.grids
+        )
+        assert r["sequence_per_layer"] == [TEXT + n for n in schedule.tokens_per_layer()]
+        assert r["kv_bytes"] == r["kv_bytes_analytic"] > 0
+        assert r["schedule"] == schedule.describe()
+        for key in ("prefill_speedup", "flops_ratio", "ttft_s", "tflops"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["method"], key, r[key])
+    for r in result["results"]:
+        assert r["flops_ratio"] > 1
+    # The unpruned FLOPs the hooks counted are the analytic ones of this shape (the LM head over one position).
+    crops = image.inputs["pixel_values"].shape[1] if family == "llava_next" else 1  # ViT passes per image
+    base = vf.prefill_flops(
+        arch,
+        visual_tokens_per_layer=image.tokens,
+        text_tokens=TEXT,
+        vision_tokens=[image.vit_tokens] * crops,
+        lm_head_tokens=1,
+        batch_size=2,
+    )
+    assert result["unpruned"]["tflops"] == pytest.approx(base.tflops)
 
 
 def test_budget_checked_before_the_model_is_built() -> None:

@@ -1,4 +1,4 @@
-"""``visiondrop flops`` (``visiondrop.tools.costs``): the published figures through the command's own code path, the
+"""``visiondrop flops`` (``visiondrop.tools.flops_cmd``): the published figures through the command's own code path, the
 per-stage breakdown, config paths and the errors users get. Configs only: no model is built."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from visiondrop import flops as vf
-from visiondrop.tools import costs
+from visiondrop.models.llava_next import llava_next_image_tokens
+from visiondrop.tools import costs, flops_cmd
 
 SHIPPED = Path(vf.__file__).resolve().parent / "configs"
 
 
 def flops_command(*argv: str) -> argparse.Namespace:
-    """Parse ``visiondrop flops ARGV`` with the parser ``costs.add_parser`` registers."""
+    """Parse ``visiondrop flops ARGV`` with the parser ``flops_cmd.add_parser`` registers."""
     parser = argparse.ArgumentParser(prog="visiondrop")
-    costs.add_parser(parser.add_subparsers(dest="command", required=True))
+    flops_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["flops", *argv])
 
 
@@ -66,7 +67,7 @@ def test_unpruned_alone(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_parts_add_up_and_follow_the_schedule() -> None:
-    report = costs.estimate_costs("llava-1.5-7b", "visiondrop", budget=64)
+    report = flops_cmd.estimate_costs("llava-1.5-7b", "visiondrop", budget=64)
     parts = {p.part: p for p in report.parts}
     assert list(parts) == [
         "vision tower",
@@ -84,15 +85,13 @@ def test_parts_add_up_and_follow_the_schedule() -> None:
     assert parts["LLM stage 1"].kv_bytes == 8 * 2 * (64 + 71) * 4096 * 2
     assert parts["vision tower"].flops == parts["vision tower"].unpruned_flops  # never pruned
     assert report.tflops * 1e12 == pytest.approx(math.fsum(p.flops for p in report.parts))
-    total = vf.prefill_flops(
-        arch, visual_tokens_per_layer=vf.schedule_tokens_per_layer(32, [(0, 97), (8, 71), (16, 52), (24, 36)])
-    )
+    total = vf.prefill_flops(arch, visual_tokens_per_layer=[n for n in (97, 71, 52, 36) for _ in range(8)])
     assert report.tflops == pytest.approx(total.tflops)
     assert report.kv_bytes == vf.kv_cache_bytes(arch, [64 + n for n in report.schedule.tokens_per_layer()])
 
 
 def test_in_llm_method_keeps_all_tokens_in_its_first_stage() -> None:
-    report = costs.estimate_costs("llava-1.5-7b", "fastv", budget=64)
+    report = flops_cmd.estimate_costs("llava-1.5-7b", "fastv", budget=64)
     stages = [p for p in report.parts if p.part.startswith("LLM")]
     assert [(p.layers, p.tokens) for p in stages] == [((0, 1), 576), ((2, 31), 30)]
     assert stages[0].flops == stages[0].unpruned_flops
@@ -109,7 +108,7 @@ def test_batch_text_tokens_and_dtype_scale_the_counts(capsys: pytest.CaptureFixt
 
 def test_image_size_and_fraction_budget(capsys: pytest.CaptureFixture[str]) -> None:
     wide = run_json(capsys, "--model", "llava-next-7b", "--image-size", "336x1008", "--budget", "0.25")
-    crops, tokens = vf.llava_next_image_tokens(vf.load_arch("llava-next-7b"), 336, 1008)
+    crops, tokens = llava_next_image_tokens(vf.load_arch("llava-next-7b"), 336, 1008)
     assert wide["image_tokens"] == tokens and len(wide["vision_tokens"]) == crops
     assert wide["layer_average"] == pytest.approx(0.25 * tokens, abs=1)
     qwen = run_json(capsys, "--model", "qwen2-vl-7b", "--method", "pooling", "--budget", "64")

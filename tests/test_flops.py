@@ -20,6 +20,9 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from visiondrop import flops as vf
 
+from visiondrop.models.llava_next import llava_next_image_tokens
+from visiondrop.models.qwen2_vl import qwen2_vl_image_tokens, qwen2_vl_resize
+
 CONFIG_DIR = Path(vf.__file__).resolve().parent / "configs"
 
 
@@ -61,7 +64,7 @@ def test_llava15_7b_unpruned_matches_paper() -> None:
 def test_llava_next_7b_unpruned_matches_paper() -> None:
     arch = vf.load_arch("llava-next-7b")
     # Maximal image: 672x672 grid, square image (no unpadding) -> 576 + 48*48 + 48 newlines = 2928.
-    crops, image_tokens = vf.llava_next_image_tokens(arch, 672, 672)
+    crops, image_tokens = llava_next_image_tokens(arch, 672, 672)
     assert (crops, image_tokens) == (5, 2928)
     out = vf.prefill_flops(arch, visual_tokens_per_layer=image_tokens)  # ViT default: 5 crops of 577
     assert out.vision == 5 * vf.prefill_flops(vf.load_arch("llava-1.5-7b"), visual_tokens_per_layer=0).vision
@@ -72,7 +75,7 @@ def test_visiondrop_llava15_7b_budget64() -> None:
     arch = vf.load_arch("llava-1.5-7b")
     stages = visiondrop_stages(arch.num_layers, 64)
     assert stages == [(0, 97), (8, 71), (16, 52), (24, 36)]
-    per_layer = vf.schedule_tokens_per_layer(arch.num_layers, stages)
+    per_layer = [n for _, n in stages for _ in range(8)]  # four stages of 8 layers each
     assert sum(per_layer) / len(per_layer) == 64
     out = vf.prefill_flops(arch, visual_tokens_per_layer=per_layer, vision_tokens=577)
     assert rel_err(out.tflops, 2.11) < 0.08
@@ -82,7 +85,7 @@ def test_visiondrop_llava_next_7b_budget320() -> None:
     arch = vf.load_arch("llava-next-7b")
     stages = visiondrop_stages(arch.num_layers, 320)
     assert stages == [(0, 483), (8, 353), (16, 258), (24, 186)]
-    per_layer = vf.schedule_tokens_per_layer(arch.num_layers, stages)
+    per_layer = [n for _, n in stages for _ in range(8)]  # four stages of 8 layers each
     assert sum(per_layer) / len(per_layer) == 320
     out = vf.prefill_flops(arch, visual_tokens_per_layer=per_layer, vision_tokens=[577] * 5)
     assert rel_err(out.tflops, 7.70) < 0.08
@@ -164,20 +167,12 @@ def test_kv_cache_bytes_hand_computed() -> None:
     # 32 layers · 2 (K and V) · 640 tokens · 4096 · 2 bytes
     assert vf.kv_cache_bytes(llava, [640] * 32) == 335_544_320
     assert vf.kv_cache_bytes(llava, 640, bytes_per_element=1) == 335_544_320 // 2
-    pruned = vf.schedule_tokens_per_layer(32, [(0, 64 + 97), (8, 64 + 71), (16, 64 + 52), (24, 64 + 36)])
+    pruned = [64 + n for n in (97, 71, 52, 36) for _ in range(8)]
     assert vf.kv_cache_bytes(llava, pruned) == 8 * (161 + 135 + 116 + 100) * 2 * 4096 * 2
     qwen = vf.load_arch("qwen2-vl-7b")  # GQA: 4 KV heads · 128 = 512
     assert qwen.kv_width == 512
     assert vf.kv_cache_bytes(qwen, [640] * 28) == 28 * 2 * 640 * 512 * 2
     assert vf.kv_cache_bytes(tiny_arch(), [7], bytes_per_element=4) == 2 * 7 * 4 * 4
-
-
-def test_schedule_tokens_per_layer() -> None:
-    assert vf.schedule_tokens_per_layer(4, [(0, 9)]) == [9, 9, 9, 9]
-    assert vf.schedule_tokens_per_layer(5, [(0, 9), (2, 5), (4, 1)]) == [9, 9, 5, 5, 1]
-    for bad in ([], [(1, 9)], [(0, 9), (0, 5)], [(0, 9), (3, 5), (2, 1)], [(0, 9), (5, 1)], [(0, -1)]):
-        with pytest.raises(ValueError):
-            vf.schedule_tokens_per_layer(5, bad)
 
 
 def test_argument_validation() -> None:
@@ -201,7 +196,7 @@ def test_every_shipped_config_loads(name: str) -> None:
     assert arch.name == name
     assert (CONFIG_DIR / f"{name}.json").is_file()
     if arch.vit_tokens_per_crop is None:
-        patches, tokens = vf.qwen2_vl_image_tokens(672, 672)
+        patches, tokens = qwen2_vl_image_tokens(672, 672)
         out = vf.prefill_flops(arch, visual_tokens_per_layer=tokens, vision_tokens=patches)
     else:
         out = vf.prefill_flops(arch, visual_tokens_per_layer=arch.image_features_per_crop)
@@ -274,22 +269,22 @@ def test_unreadable_or_unsupported_config_files(tmp_path: Path) -> None:
 
 def test_llava_next_image_tokens() -> None:
     arch = vf.load_arch("llava-next-7b")
-    assert vf.llava_next_image_tokens(arch, 336, 1008) == (4, 576 + 24 * 72 + 24)  # 1x3 grid, no padding
-    assert vf.llava_next_image_tokens(arch, 500, 1000) == (3, 576 + 24 * 48 + 24)  # 1x2 grid
+    assert llava_next_image_tokens(arch, 336, 1008) == (4, 576 + 24 * 72 + 24)  # 1x3 grid, no padding
+    assert llava_next_image_tokens(arch, 500, 1000) == (3, 576 + 24 * 48 + 24)  # 1x2 grid
     # 1000x500 picks the 2x1 grid (48x24 features) with no unpadding either.
-    assert vf.llava_next_image_tokens(arch, 1000, 500) == (3, 576 + 48 * 24 + 48)
+    assert llava_next_image_tokens(arch, 1000, 500) == (3, 576 + 48 * 24 + 48)
     # 600x800 picks 672x672, 48x48 features unpadded to 36 rows: 576 + 36·48 + 36
-    assert vf.llava_next_image_tokens(arch, 600, 800) == (5, 576 + 36 * 48 + 36)
+    assert llava_next_image_tokens(arch, 600, 800) == (5, 576 + 36 * 48 + 36)
     with pytest.raises(ValueError):
-        vf.llava_next_image_tokens(vf.load_arch("llava-1.5-7b"), 336, 336)
+        llava_next_image_tokens(vf.load_arch("llava-1.5-7b"), 336, 336)
 
 
 def test_qwen2_vl_image_tokens() -> None:
-    assert vf.qwen2_vl_image_tokens(672, 672) == (48 * 48, 24 * 24)
-    assert vf.qwen2_vl_image_tokens(700, 700) == (50 * 50, 25 * 25)  # rounded to 700 = 25·28
-    assert vf.qwen2_vl_image_tokens(224, 448, resize=False) == (16 * 32, 8 * 16)
-    patches, tokens = vf.qwen2_vl_image_tokens(3000, 4000)  # clamped to max_pixels = 28·28·1280
+    assert qwen2_vl_image_tokens(672, 672) == (48 * 48, 24 * 24)
+    assert qwen2_vl_image_tokens(700, 700) == (50 * 50, 25 * 25)  # rounded to 700 = 25·28
+    assert qwen2_vl_image_tokens(224, 448, resize=False) == (16 * 32, 8 * 16)
+    patches, tokens = qwen2_vl_image_tokens(3000, 4000)  # clamped to max_pixels = 28·28·1280
     assert patches * 14 * 14 <= 28 * 28 * 1280 and tokens == patches // 4
-    assert vf.qwen2_vl_resize(10, 10) == (56, 56)  # grown to min_pixels
+    assert qwen2_vl_resize(10, 10) == (56, 56)  # grown to min_pixels
     with pytest.raises(ValueError):
-        vf.qwen2_vl_image_tokens(100, 100, resize=False)
+        qwen2_vl_image_tokens(100, 100, resize=False)

@@ -16,8 +16,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 __all__ = [
+    "CACHE_KWARG",
     "cache_of",
     "causal_mask",
+    "no_init_weights",
     "output_cache",
     "qwen_window_index",
     "uses_sliding_window",
@@ -88,3 +90,16 @@ def causal_mask(sliding: bool, **kwargs: Any) -> Any:
     cache = kwargs.pop("cache")
     make = create_sliding_window_causal_mask if sliding else create_causal_mask
     return make(**kwargs, **{CACHE_KWARG: cache})
+
+
+def no_init_weights() -> Any:
+    """transformers' context manager that skips weight initialisation while a model is constructed.
+
+    transformers 5.23 keeps it in ``transformers.initialization``; earlier 5.x releases had it in
+    ``transformers.modeling_utils``.
+    """
+    try:
+        from transformers.initialization import no_init_weights as skip_init
+    except ImportError:  # transformers < 5.23
+        from transformers.modeling_utils import no_init_weights as skip_init
+    return skip_init()

@@ -78,7 +78,6 @@ is not known.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import operator
@@ -89,19 +88,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_IMAGE_SIZE",
     "DEFAULT_TEXT_TOKENS",
     "SHIPPED_CONFIGS",
     "ArchSpec",
     "FlopsBreakdown",
+    "ImageShape",
+    "image_shape",
     "kv_cache_bytes",
-    "llava_next_image_tokens",
     "llm_layer_flops",
     "load_arch",
     "prefill_flops",
     "projector_flops",
-    "qwen2_vl_image_tokens",
-    "qwen2_vl_resize",
-    "schedule_tokens_per_layer",
+    "read_config",
     "vit_layer_flops",
 ]
 
@@ -121,7 +120,35 @@ _HUB_ALIASES: dict[str, str] = {
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
 }
 
-_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928
+#: tokens, the image behind the published 46.25 T) and the same size for Qwen2-VL.
+DEFAULT_IMAGE_SIZE: tuple[int, int] = (672, 672)
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """One image as a model family receives it (each family's ``image_shape`` computes it).
+
+    Attributes
+    ----------
+    tokens : int
+        Visual tokens entering the LLM unpruned (LLaVA-1.5: 576).
+    vit_tokens : tuple of int
+        Tokens of each vision-tower pass (LLaVA-1.5: ``(577,)``; LLaVA-NeXT: one entry per crop).
+    grids : tuple of (rows, cols), optional
+        The patch grids of the image when they are unambiguous (grid-shaped methods such as ``pooling`` need them);
+        ``None`` for LLaVA-NeXT, whose image is treated as one run of ``tokens`` tokens.
+    size : (int, int), optional
+        Height and width in pixels the counts were computed for (``None``: the family resizes every image).
+    description : str
+        One line for the text output.
+    """
+
+    tokens: int
+    vit_tokens: tuple[int, ...]
+    grids: tuple[tuple[int, int], ...] | None
+    size: tuple[int, int] | None
+    description: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,9 +306,10 @@ def _complete_with_transformers(data: dict[str, Any]) -> dict[str, Any]:
 
 def _spec_from_dict(data: dict[str, Any], name: str) -> ArchSpec:
     """Read the dimensions out of a config dict; raises KeyError when a field is missing."""
-    family = data.get("model_type")
-    if family not in _FAMILIES:
-        raise ValueError(f"unsupported model_type {family!r}: expected one of {', '.join(_FAMILIES)}")
+    from .models.family import family_of  # the families register themselves with their adapters
+
+    model_type = data.get("model_type")
+    family_of(model_type)  # ValueError naming the supported ones
     text = _as_dict(data.get("text_config")) or data  # Qwen2-VL hub configs are flat
     vision = _as_dict(data["vision_config"])
 
@@ -299,81 +327,8 @@ def _spec_from_dict(data: dict[str, Any], name: str) -> ArchSpec:
         "vocab_size": int(text["vocab_size"]),
     }
 
-    if family in ("llava", "llava_next"):
-        vit_hidden = int(vision["hidden_size"])
-        image_size = int(vision["image_size"])
-        patch = int(vision["patch_size"])
-        cls_tokens = 1 if "clip" in str(vision.get("model_type", "clip_vision_model")) else 0
-        vit_tokens = (image_size // patch) ** 2 + cls_tokens
-        # transformers' "default" strategy drops the first ViT output, "full" keeps everything.
-        strategy = data.get("vision_feature_select_strategy", "default")
-        features = vit_tokens - 1 if strategy == "default" else vit_tokens
-        layers = data.get("vision_feature_layer", -2)
-        n_feature_layers = 1 if isinstance(layers, int) else len(layers)
-        pinpoints: tuple[tuple[int, int], ...] = ()
-        max_crops = 1
-        if family == "llava_next":
-            raw = data.get("image_grid_pinpoints") or [
-                [336, 672],
-                [672, 336],
-                [672, 672],
-                [1008, 336],
-                [336, 1008],
-            ]
-            pinpoints = tuple((int(h), int(w)) for h, w in raw)
-            max_crops = 1 + max((h // image_size) * (w // image_size) for h, w in pinpoints)
-        return ArchSpec(
-            family=family,
-            **llm,
-            vit_layers=int(vision["num_hidden_layers"]),
-            vit_hidden=vit_hidden,
-            vit_mlp=int(vision["intermediate_size"]),
-            vit_mlp_matrices=2,
-            vit_tokens_per_crop=vit_tokens,
-            vit_cls_tokens=cls_tokens,
-            image_features_per_crop=features,
-            patch_size=patch,
-            image_size=image_size,
-            spatial_merge_size=1,
-            projector_in=vit_hidden * n_feature_layers,
-            projector_hidden=hidden,
-            projector_out=hidden,
-            max_crops=max_crops,
-            image_grid_pinpoints=pinpoints,
-            name=name,
-        )
-
-    merge = int(vision.get("spatial_merge_size", 2))
-    if family == "qwen2_vl":
-        embed = int(vision["embed_dim"])
-        vit_mlp = int(embed * vision["mlp_ratio"])
-        mlp_matrices = 2
-        merger_out = int(vision.get("hidden_size") or hidden)
-    else:  # qwen2_5_vl: SwiGLU vision MLP, `hidden_size` is the ViT width there
-        embed = int(vision["hidden_size"])
-        vit_mlp = int(vision["intermediate_size"])
-        mlp_matrices = 3
-        merger_out = int(vision.get("out_hidden_size") or hidden)
-    merger_in = embed * merge * merge
-    return ArchSpec(
-        family=family,
-        **llm,
-        vit_layers=int(vision["depth"]),
-        vit_hidden=embed,
-        vit_mlp=vit_mlp,
-        vit_mlp_matrices=mlp_matrices,
-        vit_tokens_per_crop=None,
-        vit_cls_tokens=0,
-        image_features_per_crop=None,
-        patch_size=int(vision.get("patch_size", 14)),
-        image_size=None,
-        spatial_merge_size=merge,
-        projector_in=merger_in,
-        projector_hidden=merger_in,
-        projector_out=merger_out,
-        max_crops=1,
-        name=name,
-    )
+    fields = family_of(model_type).arch_fields(data, vision, llm)
+    return ArchSpec(family=model_type, **llm, **fields, name=name)
 
 
 def read_config(name_or_path: str | os.PathLike) -> tuple[dict, str]:
@@ -539,8 +494,8 @@ def prefill_flops(
     arch : ArchSpec
         Model dimensions (see :func:`load_arch`).
     visual_tokens_per_layer : int or sequence of int
-        Visual tokens seen by each LLM layer, one entry per layer (see
-        :func:`schedule_tokens_per_layer`); an int means the same count at every layer (unpruned:
+        Visual tokens seen by each LLM layer, one entry per layer (``Schedule.tokens_per_layer()`` of a
+        method's schedule); an int means the same count at every layer (unpruned:
         576 for LLaVA-1.5).
     text_tokens : int, optional
         Non-visual tokens of the prompt, seen by every layer. Default :data:`DEFAULT_TEXT_TOKENS` (64).
@@ -628,159 +583,12 @@ def kv_cache_bytes(arch: ArchSpec, tokens_per_layer: int | Sequence[int], bytes_
     return sum(2 * n * arch.kv_width * bpe for n in tokens)
 
 
-def schedule_tokens_per_layer(num_layers: int, stages: Sequence[tuple[int, int]]) -> list[int]:
-    """Expand a stage schedule into one visual-token count per LLM layer.
+def image_shape(arch: ArchSpec, size: tuple[int, int] | None = None) -> ImageShape:
+    """Visual tokens and vision-tower passes of one image of ``size`` (height, width) for ``arch``.
 
-    Parameters
-    ----------
-    num_layers : int
-        LLM decoder layers.
-    stages : sequence of (int, int)
-        ``(first_layer, visual_tokens)`` pairs with strictly increasing ``first_layer``, the first one
-        at layer 0; a stage lasts until the next one starts. E.g. ``[(0, 97), (8, 71), (16, 52),
-        (24, 36)]``.
-
-    Returns
-    -------
-    list of int
-        ``num_layers`` entries.
-
-    Raises
-    ------
-    ValueError
-        If the stages are empty, do not start at 0, are not increasing or run past ``num_layers``.
+    Each family computes it (its ``Family.image_shape``, next to its adapter): LLaVA-1.5 resizes every image to one
+    crop, so ``size`` does not change anything there; LLaVA-NeXT and Qwen2-VL default to :data:`DEFAULT_IMAGE_SIZE`.
     """
-    num_layers = _count(num_layers, "num_layers")
-    if not stages:
-        raise ValueError("stages must not be empty")
-    starts = [_count(s, "first_layer") for s, _ in stages]
-    counts = [_count(c, "visual_tokens") for _, c in stages]
-    if starts[0] != 0:
-        raise ValueError(f"the first stage must start at layer 0, got {starts[0]}")
-    if any(b <= a for a, b in itertools.pairwise(starts)) or starts[-1] >= num_layers:
-        raise ValueError(f"stage starts must increase within [0, {num_layers}), got {starts}")
-    out: list[int] = []
-    for i, count in enumerate(counts):
-        end = starts[i + 1] if i + 1 < len(starts) else num_layers
-        out.extend([count] * (end - starts[i]))
-    return out
+    from .models.family import family_of
 
-
-def llava_next_image_tokens(arch: ArchSpec, height: int, width: int) -> tuple[int, int]:
-    """ViT crops and LLM image tokens of LLaVA-NeXT for an image of ``height × width`` pixels.
-
-    Follows the any-resolution rule: the grid pinpoint that keeps the most of the image's pixels
-    (ties: the least padding) gives ``rows × cols`` tiles of ``image_size``; their features are
-    un-padded back to the image's aspect ratio and one ``image_newline`` token closes each feature
-    row; the base view (``image_features_per_crop`` tokens) comes first.
-
-    Parameters
-    ----------
-    arch : ArchSpec
-        A ``llava_next`` architecture.
-    height, width : int
-        Original image size in pixels.
-
-    Returns
-    -------
-    (int, int)
-        ``(crops, image_tokens)``: ViT passes (base + tiles) and visual tokens entering the LLM. The
-        maximum for the shipped config is ``(5, 2928)`` (672×672 grid, square image: 576 + 48·48 + 48).
-    """
-    if arch.family != "llava_next" or arch.image_size is None or arch.image_features_per_crop is None:
-        raise ValueError(f"llava_next_image_tokens needs a llava_next architecture, got {arch.family!r}")
-    height, width = _count(height, "height"), _count(width, "width")
-    if height == 0 or width == 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    best: tuple[int, int] | None = None
-    best_key: tuple[int, int] | None = None
-    for cand_h, cand_w in arch.image_grid_pinpoints:
-        scale = min(cand_w / width, cand_h / height)
-        kept = min(int(width * scale) * int(height * scale), width * height)
-        key = (kept, -(cand_h * cand_w - kept))
-        if best_key is None or key > best_key:
-            best, best_key = (cand_h, cand_w), key
-    if best is None:
-        raise ValueError("llava_next_image_tokens needs image_grid_pinpoints, got none")
-    grid_rows, grid_cols = best[0] // arch.image_size, best[1] // arch.image_size
-    side = arch.image_size // arch.patch_size
-    rows, cols = grid_rows * side, grid_cols * side
-    if width / height > cols / rows:  # wider than the grid: padding was added above and below
-        kept_rows = int(round(height * (cols / width), 7))
-        rows -= 2 * ((rows - kept_rows) // 2)
-    else:
-        kept_cols = int(round(width * (rows / height), 7))
-        cols -= 2 * ((cols - kept_cols) // 2)
-    crops = 1 + grid_rows * grid_cols
-    return crops, arch.image_features_per_crop + rows * cols + rows
-
-
-def qwen2_vl_resize(
-    height: int,
-    width: int,
-    *,
-    factor: int = 28,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 28 * 28 * 1280,
-) -> tuple[int, int]:
-    """Size the Qwen2-VL image processor resizes an image to (both sides multiples of ``factor``).
-
-    Each side is rounded to the nearest multiple of ``factor`` (= patch · merge = 28); if the area
-    then exceeds ``max_pixels`` (or falls below ``min_pixels``) the image is scaled uniformly to fit,
-    rounding sides down (up). Defaults are transformers' processor defaults.
-    """
-    height, width = _count(height, "height"), _count(width, "width")
-    if height == 0 or width == 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        shrink = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / shrink / factor) * factor)
-        w = max(factor, math.floor(width / shrink / factor) * factor)
-    elif h * w < min_pixels:
-        grow = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * grow / factor) * factor
-        w = math.ceil(width * grow / factor) * factor
-    return h, w
-
-
-def qwen2_vl_image_tokens(
-    height: int,
-    width: int,
-    *,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    resize: bool = True,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 28 * 28 * 1280,
-) -> tuple[int, int]:
-    """ViT patches and LLM visual tokens of Qwen2-VL / Qwen2.5-VL for one ``height × width`` image.
-
-    Parameters
-    ----------
-    height, width : int
-        Image size in pixels.
-    patch_size, merge_size : int, optional
-        14 and 2 for Qwen2-VL and Qwen2.5-VL.
-    resize : bool, optional
-        Apply the processor's resize rule first (:func:`qwen2_vl_resize`); with ``False`` the sides
-        must already be multiples of ``patch_size · merge_size``.
-    min_pixels, max_pixels : int, optional
-        Processor pixel bounds (transformers' defaults).
-
-    Returns
-    -------
-    (int, int)
-        ``(patches, tokens)``: tokens through the ViT (one temporal patch covers the duplicated image
-        frame, so ``(h/14)·(w/14)``) and tokens entering the LLM after the ``merge²`` merger.
-    """
-    factor = patch_size * merge_size
-    if resize:
-        h, w = qwen2_vl_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    else:
-        h, w = _count(height, "height"), _count(width, "width")
-        if h == 0 or w == 0 or h % factor or w % factor:
-            raise ValueError(f"image size {h}x{w} must be positive multiples of {factor} when resize=False")
-    patches = (h // patch_size) * (w // patch_size)
-    return patches, patches // (merge_size * merge_size)
+    return family_of(arch.family).image_shape(arch, size)

@@ -9,7 +9,23 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-__all__ = ["IMAGE_TOKEN", "tiny_llava", "tiny_llava_config"]
+__all__ = [
+    "BOS",
+    "EOS",
+    "IMAGE_TOKEN",
+    "PAD",
+    "QWEN_VIDEO",
+    "QWEN_VISION_END",
+    "QWEN_VISION_START",
+    "llava_next_placeholders",
+    "qwen_inputs",
+    "tiny_llava",
+    "tiny_llava_config",
+    "tiny_llava_next",
+    "tiny_llava_next_config",
+    "tiny_qwen2_vl",
+    "tiny_qwen2_vl_config",
+]
 
 #: Placeholder id of the tiny models (vocabulary of 100).
 IMAGE_TOKEN = 99

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import flops, ops
 from ..compat import vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .family import BenchImage, Family, register_family
 
-__all__ = ["ClipVisionTokens", "LlavaAdapter"]
+__all__ = ["FAMILY", "ClipVisionTokens", "LlavaAdapter", "clip_arch_fields", "clip_vision_parts"]
 
 
 class ClipVisionTokens(VisionTokens):
@@ -137,7 +139,7 @@ class LlavaAdapter(ModelAdapter):
             hidden,
             out.hidden_states[self.feature_index - 1],
             self.scoring_layer,
-            has_cls=True,
+            has_cls=LlavaAdapter.has_cls,
             grids=(self.grid,),
             project=self._project,
         )
@@ -149,3 +151,95 @@ class LlavaAdapter(ModelAdapter):
         if selection.space == "projected":
             return selection.apply(self._project(tokens.hidden))
         return self._project(selection.apply(tokens.hidden))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the family, for the tools that cost or build a model without hooking it (flops, `visiondrop flops`, bench)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_arch_fields(
+    data: Mapping[str, Any], vision: Mapping[str, Any], llm: Mapping[str, int]
+) -> dict[str, Any]:
+    """FLOPs description of a CLIP tower + MLP projector config (LLaVA-1.5; LLaVA-NeXT adds its crops to it).
+
+    The tower runs every layer over 577 tokens per 336 px crop ([CLS] included); transformers' ``"default"`` feature
+    strategy drops the first output, ``"full"`` keeps all; the projector's input is one ViT width per feature layer.
+    """
+    vit_hidden = int(vision["hidden_size"])
+    image_size = int(vision["image_size"])
+    patch = int(vision["patch_size"])
+    cls_tokens = 1 if "clip" in str(vision.get("model_type", "clip_vision_model")) else 0
+    vit_tokens = (image_size // patch) ** 2 + cls_tokens
+    strategy = data.get("vision_feature_select_strategy", "default")
+    layers = data.get("vision_feature_layer", -2)
+    n_feature_layers = 1 if isinstance(layers, int) else len(layers)
+    return {
+        "vit_layers": int(vision["num_hidden_layers"]),
+        "vit_hidden": vit_hidden,
+        "vit_mlp": int(vision["intermediate_size"]),
+        "vit_mlp_matrices": 2,
+        "vit_tokens_per_crop": vit_tokens,
+        "vit_cls_tokens": cls_tokens,
+        "image_features_per_crop": vit_tokens - 1 if strategy == "default" else vit_tokens,
+        "patch_size": patch,
+        "image_size": image_size,
+        "spatial_merge_size": 1,
+        "projector_in": vit_hidden * n_feature_layers,
+        "projector_hidden": llm["hidden_size"],
+        "projector_out": llm["hidden_size"],
+        "max_crops": 1,
+        "image_grid_pinpoints": (),
+    }
+
+
+def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> flops.ImageShape:
+    """Every image is resized to one crop: ``size`` changes nothing."""
+    if arch.image_size is None or arch.vit_tokens_per_crop is None or arch.image_features_per_crop is None:
+        raise ValueError(f"{arch.name or 'this config'}: the vision config lacks an image size")
+    side = arch.image_size // arch.patch_size
+    return flops.ImageShape(
+        tokens=arch.image_features_per_crop,
+        vit_tokens=(arch.vit_tokens_per_crop,),
+        grids=((side, side),),
+        size=None,
+        description=(
+            f"{arch.image_features_per_crop} visual tokens (every image is resized to one "
+            f"{arch.image_size} px crop: 1 ViT pass of {arch.vit_tokens_per_crop} tokens)"
+        ),
+    )
+
+
+def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
+    """One 336 px (the config's size) image per row: 576 placeholders, ``pixel_values`` (B, 3, S, S)."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    return BenchImage(
+        inputs={"pixel_values": pixels},
+        placeholders=[int(config.image_token_id)] * (side * side),
+        image_flags=[True] * (side * side),
+        tokens=side * side,
+        grids=((side, side),),
+        vit_tokens=side * side + 1,
+    )
+
+
+def clip_vision_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+    """The CLIP encoder layers and the multimodal projector of a LLaVA-style model."""
+    inner = model.model
+    return vision_encoder_layers(inner.vision_tower), inner.multi_modal_projector
+
+
+FAMILY = register_family(
+    Family(
+        name=LlavaAdapter.family,
+        model_types=("llava",),
+        model_classes=LlavaAdapter.model_classes,
+        has_cls=LlavaAdapter.has_cls,
+        arch_fields=clip_arch_fields,
+        image_shape=_image_shape,
+        bench_image=_bench_image,
+        vision_parts=clip_vision_parts,
+    )
+)

@@ -21,17 +21,20 @@ The policy visiondrop applies when a vision stage prunes an image (documented in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import flops, ops
 from ..compat import vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .family import BenchImage, Family, register_family
+from .llava import clip_arch_fields, clip_vision_parts
 
-__all__ = ["LlavaNextAdapter"]
+__all__ = ["DEFAULT_PINPOINTS", "FAMILY", "LlavaNextAdapter", "NextVisionTokens", "llava_next_image_tokens"]
 
 
 def _unpadded_window(image_size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -264,3 +267,131 @@ class LlavaNextAdapter(ModelAdapter):
         if selection.space == "projected":
             return selection.apply(tokens.projected())
         return self._project(selection.apply(tokens.hidden))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the family, for the tools that cost or build a model without hooking it (flops, `visiondrop flops`, bench)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: transformers' default ``image_grid_pinpoints`` (used when a config leaves them out).
+DEFAULT_PINPOINTS: tuple[tuple[int, int], ...] = (
+    (336, 672),
+    (672, 336),
+    (672, 672),
+    (1008, 336),
+    (336, 1008),
+)
+
+
+def _arch_fields(
+    data: Mapping[str, Any], vision: Mapping[str, Any], llm: Mapping[str, int]
+) -> dict[str, Any]:
+    """LLaVA's CLIP tower and projector, run once per crop: the base view and up to the largest grid's tiles."""
+    fields = clip_arch_fields(data, vision, llm)
+    pinpoints = tuple((int(h), int(w)) for h, w in (data.get("image_grid_pinpoints") or DEFAULT_PINPOINTS))
+    crop = fields["image_size"]
+    fields["image_grid_pinpoints"] = pinpoints
+    fields["max_crops"] = 1 + max((h // crop) * (w // crop) for h, w in pinpoints)
+    return fields
+
+
+def _best_grid(pinpoints: tuple[tuple[int, int], ...], height: int, width: int) -> tuple[int, int]:
+    """The any-resolution pinpoint (h, w) that keeps the most of the image's pixels (ties: the least padding)."""
+    best: tuple[int, int] | None = None
+    best_key: tuple[int, int] | None = None
+    for cand_h, cand_w in pinpoints:
+        scale = min(cand_w / width, cand_h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        key = (kept, -(cand_h * cand_w - kept))
+        if best_key is None or key > best_key:
+            best, best_key = (cand_h, cand_w), key
+    if best is None:
+        raise ValueError("llava_next_image_tokens needs image_grid_pinpoints, got none")
+    return best
+
+
+def llava_next_image_tokens(arch: flops.ArchSpec, height: int, width: int) -> tuple[int, int]:
+    """ViT crops and LLM image tokens of LLaVA-NeXT for an image of ``height × width`` pixels.
+
+    Follows the any-resolution rule: the grid pinpoint that keeps the most of the image's pixels (ties: the least
+    padding) gives ``rows × cols`` tiles of ``image_size``; their features are un-padded back to the image's aspect
+    ratio (the adapter's own unpadding) and one ``image_newline`` token closes each feature row; the base view
+    (``image_features_per_crop`` tokens) comes first.
+
+    Parameters
+    ----------
+    arch : visiondrop.flops.ArchSpec
+        A ``llava_next`` architecture.
+    height, width : int
+        Original image size in pixels.
+
+    Returns
+    -------
+    (int, int)
+        ``(crops, image_tokens)``: ViT passes (base + tiles) and visual tokens entering the LLM. The maximum for the
+        shipped config is ``(5, 2928)`` (672×672 grid, square image: 576 + 48·48 + 48).
+    """
+    if arch.family != "llava_next" or arch.image_size is None or arch.image_features_per_crop is None:
+        raise ValueError(f"llava_next_image_tokens needs a llava_next architecture, got {arch.family!r}")
+    height, width = flops._count(height, "height"), flops._count(width, "width")
+    if height == 0 or width == 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    grid_h, grid_w = _best_grid(arch.image_grid_pinpoints, height, width)
+    grid_rows, grid_cols = grid_h // arch.image_size, grid_w // arch.image_size
+    side = arch.image_size // arch.patch_size
+    r0, r1, c0, c1 = _unpadded_window((height, width), grid_rows * side, grid_cols * side)
+    rows, cols = r1 - r0, c1 - c0
+    return 1 + grid_rows * grid_cols, arch.image_features_per_crop + rows * cols + rows
+
+
+def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> flops.ImageShape:
+    """The base view, the high-resolution grid and its newlines of one ``size`` image (default 672 × 672)."""
+    height, width = size or flops.DEFAULT_IMAGE_SIZE
+    crops, tokens = llava_next_image_tokens(arch, height, width)
+    per_crop = arch.vit_tokens_per_crop or 0
+    return flops.ImageShape(
+        tokens=tokens,
+        vit_tokens=(per_crop,) * crops,
+        grids=None,
+        size=(height, width),
+        description=(
+            f"{tokens} visual tokens for a {height}x{width} image (base view + high-resolution grid + "
+            f"newlines; {crops} ViT passes of {per_crop} tokens)"
+        ),
+    )
+
+
+def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
+    """One image per row of the largest pinpoint's size (672 × 672 for LLaVA-NeXT-7B: 5 crops, 2,928 tokens)."""
+    vision = config.vision_config
+    crop = vision.image_size
+    side = crop // vision.patch_size
+    height, width = max((tuple(p) for p in config.image_grid_pinpoints), key=lambda p: (p[0] * p[1], p))
+    grid_h, grid_w = _best_grid(tuple(tuple(p) for p in config.image_grid_pinpoints), height, width)
+    nh, nw = grid_h // crop, grid_w // crop
+    r0, r1, c0, c1 = _unpadded_window((height, width), nh * side, nw * side)
+    rows, cols = r1 - r0, c1 - c0
+    tokens = side * side + rows * (cols + 1)
+    pixels = torch.randn(batch, 1 + nh * nw, 3, crop, crop, generator=generator)
+    return BenchImage(
+        inputs={"pixel_values": pixels, "image_sizes": torch.tensor([[height, width]] * batch)},
+        placeholders=[int(config.image_token_id)] * tokens,
+        image_flags=[True] * tokens,
+        tokens=tokens,
+        grids=((side, side), (rows, cols)),
+        vit_tokens=side * side + 1,
+    )
+
+
+FAMILY = register_family(
+    Family(
+        name=LlavaNextAdapter.family,
+        model_types=("llava_next",),
+        model_classes=LlavaNextAdapter.model_classes,
+        has_cls=LlavaNextAdapter.has_cls,
+        arch_fields=_arch_fields,
+        image_shape=_image_shape,
+        bench_image=_bench_image,
+        vision_parts=clip_vision_parts,
+    )
+)

@@ -17,17 +17,20 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import flops, ops
 from ..compat import qwen_window_index
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .family import BenchImage, Family, register_family
 
-__all__ = ["Qwen2VLAdapter"]
+__all__ = ["FAMILY", "Qwen2VLAdapter", "QwenVisionTokens", "qwen2_vl_image_tokens", "qwen2_vl_resize"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -231,3 +234,187 @@ class Qwen2VLAdapter(ModelAdapter):
         if mask is not None:
             text = text.masked_fill(mask == 0, 0)
         return torch.cat([text[None].to(vision.device), vision], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the family, for the tools that cost or build a model without hooking it (flops, `visiondrop flops`, bench)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def qwen2_vl_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
+    """Size the Qwen2-VL image processor resizes an image to (both sides multiples of ``factor``).
+
+    Each side is rounded to the nearest multiple of ``factor`` (= patch · merge = 28); if the area
+    then exceeds ``max_pixels`` (or falls below ``min_pixels``) the image is scaled uniformly to fit,
+    rounding sides down (up). Defaults are transformers' processor defaults.
+    """
+    height, width = flops._count(height, "height"), flops._count(width, "width")
+    if height == 0 or width == 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * grow / factor) * factor
+        w = math.ceil(width * grow / factor) * factor
+    return h, w
+
+
+def qwen2_vl_image_tokens(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    resize: bool = True,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
+    """ViT patches and LLM visual tokens of Qwen2-VL / Qwen2.5-VL for one ``height × width`` image.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels.
+    patch_size, merge_size : int, optional
+        14 and 2 for Qwen2-VL and Qwen2.5-VL.
+    resize : bool, optional
+        Apply the processor's resize rule first (:func:`qwen2_vl_resize`); with ``False`` the sides
+        must already be multiples of ``patch_size · merge_size``.
+    min_pixels, max_pixels : int, optional
+        Processor pixel bounds (transformers' defaults).
+
+    Returns
+    -------
+    (int, int)
+        ``(patches, tokens)``: tokens through the ViT (one temporal patch covers the duplicated image
+        frame, so ``(h/14)·(w/14)``) and tokens entering the LLM after the ``merge²`` merger.
+    """
+    factor = patch_size * merge_size
+    if resize:
+        h, w = qwen2_vl_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    else:
+        h, w = flops._count(height, "height"), flops._count(width, "width")
+        if h == 0 or w == 0 or h % factor or w % factor:
+            raise ValueError(f"image size {h}x{w} must be positive multiples of {factor} when resize=False")
+    patches = (h // patch_size) * (w // patch_size)
+    return patches, patches // (merge_size * merge_size)
+
+
+def _arch_fields(
+    data: Mapping[str, Any], vision: Mapping[str, Any], llm: Mapping[str, int]
+) -> dict[str, Any]:
+    """A dynamic-resolution ViT without [CLS] (one pass per image) and the 2x2 patch merger as the projector.
+
+    Qwen2-VL's vision MLP has 2 matrices and ``embed_dim`` is the ViT width; Qwen2.5-VL's is SwiGLU (3 matrices) and
+    ``hidden_size`` is the ViT width there.
+    """
+    merge = int(vision.get("spatial_merge_size", 2))
+    if data.get("model_type") == "qwen2_vl":
+        embed = int(vision["embed_dim"])
+        vit_mlp = int(embed * vision["mlp_ratio"])
+        mlp_matrices = 2
+        merger_out = int(vision.get("hidden_size") or llm["hidden_size"])
+    else:  # qwen2_5_vl
+        embed = int(vision["hidden_size"])
+        vit_mlp = int(vision["intermediate_size"])
+        mlp_matrices = 3
+        merger_out = int(vision.get("out_hidden_size") or llm["hidden_size"])
+    merger_in = embed * merge * merge
+    return {
+        "vit_layers": int(vision["depth"]),
+        "vit_hidden": embed,
+        "vit_mlp": vit_mlp,
+        "vit_mlp_matrices": mlp_matrices,
+        "vit_tokens_per_crop": None,
+        "vit_cls_tokens": 0,
+        "image_features_per_crop": None,
+        "patch_size": int(vision.get("patch_size", 14)),
+        "image_size": None,
+        "spatial_merge_size": merge,
+        "projector_in": merger_in,
+        "projector_hidden": merger_in,
+        "projector_out": merger_out,
+        "max_crops": 1,
+    }
+
+
+def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> flops.ImageShape:
+    """Dynamic resolution: one ViT pass over the resized image (default 672 × 672), ``merge²`` patches per token."""
+    height, width = size or flops.DEFAULT_IMAGE_SIZE
+    factor = arch.patch_size * arch.spatial_merge_size
+    resized = qwen2_vl_resize(height, width, factor=factor)
+    patches, tokens = qwen2_vl_image_tokens(
+        height, width, patch_size=arch.patch_size, merge_size=arch.spatial_merge_size
+    )
+    return flops.ImageShape(
+        tokens=tokens,
+        vit_tokens=(patches,),
+        grids=((resized[0] // factor, resized[1] // factor),),
+        size=(height, width),
+        description=(
+            f"{tokens} visual tokens for a {height}x{width} image (resized to {resized[0]}x{resized[1]}: "
+            f"1 ViT pass of {patches} patches, {arch.spatial_merge_size}x{arch.spatial_merge_size} merged)"
+        ),
+    )
+
+
+def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
+    """One 672 × 672 image per row (48 x 48 patches, 576 tokens at 7B's 14 px patches), as the processor gives it.
+
+    ``<|vision_start|>`` and ``<|vision_end|>`` frame the placeholders (they are text tokens: ``mm_token_type_ids``
+    0); ``pixel_values`` holds every row's flattened patches, ``(B * h * w, C * temporal * patch²)``.
+    """
+    vision = config.vision_config
+    patch, merge = vision.patch_size, vision.spatial_merge_size
+    height, width = qwen2_vl_resize(*flops.DEFAULT_IMAGE_SIZE, factor=patch * merge)
+    h, w = height // patch, width // patch
+    tokens = h * w // (merge * merge)
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+    width_in = channels * vision.temporal_patch_size * patch * patch
+    pixels = torch.randn(batch * h * w, width_in, generator=generator)
+    ids = [
+        int(config.vision_start_token_id),
+        *[int(config.image_token_id)] * tokens,
+        int(config.vision_end_token_id),
+    ]
+    return BenchImage(
+        inputs={"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, h, w]] * batch)},
+        placeholders=ids,
+        image_flags=[False, *[True] * tokens, False],
+        tokens=tokens,
+        grids=((h // merge, w // merge),),
+        vit_tokens=h * w,
+        modality_ids="mm_token_type_ids",
+    )
+
+
+def _vision_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+    """The ViT blocks and the merger's MLP (the adapter projects through ``merger.mlp``, so count there)."""
+    visual = model.model.visual
+    return visual.blocks, visual.merger.mlp
+
+
+FAMILY = register_family(
+    Family(
+        name=Qwen2VLAdapter.family,
+        model_types=("qwen2_vl", "qwen2_5_vl"),
+        model_classes=Qwen2VLAdapter.model_classes,
+        has_cls=Qwen2VLAdapter.has_cls,
+        arch_fields=_arch_fields,
+        image_shape=_image_shape,
+        bench_image=_bench_image,
+        vision_parts=_vision_parts,
+    )
+)

@@ -28,6 +28,8 @@ from ..tools.evaluation import parse_method_spec
 from . import ANSWER_TOKENS, _default_generate, evaluate, load_testbed
 from .scenes import QUESTION_TYPES, SPLITS, Sample, make_split, patch_labels
 
+__all__ = ["main", "measure", "object_coverage"]
+
 
 def object_coverage(sample: Sample, image_report: Any) -> list[tuple[int, int]]:
     """Per stage of ``image_report``, ``(objects with a dominant patch kept, objects)`` for ``sample``'s scene.

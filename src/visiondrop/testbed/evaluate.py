@@ -17,6 +17,8 @@ import torch
 from . import DEFAULT_MODEL_PATH, evaluate, load_testbed
 from .scenes import QUESTION_TYPES, SPLITS, make_split
 
+__all__ = ["main"]
+
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -20,6 +20,25 @@ from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokeni
 
 from .scenes import IMAGE_SIZE, PATCH_SIZE, VOCAB
 
+__all__ = [
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "IMAGE_TOKEN",
+    "NUM_IMAGE_TOKENS",
+    "PAD_TOKEN",
+    "PROMPT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "UNK_TOKEN",
+    "build_image_processor",
+    "build_processor",
+    "build_prompt",
+    "build_tokenizer",
+    "tokenizer_vocab",
+    "unknown_words",
+    "warn_unknown_words",
+]
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"

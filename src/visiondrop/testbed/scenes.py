@@ -38,6 +38,47 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+__all__ = [
+    "ANSWERS",
+    "ANSWERS_BY_TYPE",
+    "COLORS",
+    "COUNT_WORDS",
+    "DIGITS",
+    "DIRECTIONS",
+    "GLYPH_SCALE",
+    "GRID",
+    "IMAGE_SIZE",
+    "LATTICE",
+    "MAX_OBJECTS",
+    "OUTLINE_WIDTH",
+    "PATCH_SIZE",
+    "QUESTION_TYPES",
+    "REGULAR_RADII",
+    "SHAPES",
+    "SMALL_RADII",
+    "SPLITS",
+    "TAG_SIZE",
+    "TEMPLATES",
+    "VOCAB",
+    "Question",
+    "Sample",
+    "Scene",
+    "SceneObject",
+    "Tag",
+    "ask",
+    "direction_of",
+    "draw_object",
+    "image_digest",
+    "make_all_questions",
+    "make_sample",
+    "make_scene",
+    "make_split",
+    "patch_labels",
+    "sample_rng",
+    "tag_size",
+    "training_questions",
+]
+
 IMAGE_SIZE: int = 336
 """Side of the square images in pixels (LLaVA-1.5 input size)."""
 

@@ -64,6 +64,33 @@ from transformers import (
 from . import scenes as S
 from .processor import NUM_IMAGE_TOKENS, build_processor, build_prompt
 
+__all__ = [
+    "DENSE_SIZES",
+    "N_COLORS",
+    "N_PAIRS",
+    "N_PRESENCE",
+    "N_SHAPES",
+    "STAGE_B_OFFSET",
+    "TrainConfig",
+    "VisionAuxHeads",
+    "attention_loss",
+    "build_model",
+    "check_prefix_sharing",
+    "curriculum_prefix_mask",
+    "grounding_loss",
+    "main",
+    "parse_args",
+    "prefix_ids",
+    "qa_logits",
+    "qa_loss",
+    "quick_eval",
+    "referenced_label",
+    "sincos_2d",
+    "train_qa",
+    "train_vision",
+    "vision_aux_loss",
+]
+
 logger = logging.getLogger("visiondrop.testbed.train")
 
 # Index offset of stage-B scenes in the train split, so the two stages never see the same scene.

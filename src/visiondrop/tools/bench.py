@@ -2,8 +2,9 @@
 
 What one run does (``run_bench``):
 
-1. builds a randomly initialised ``LlavaForConditionalGeneration`` from a config (default the shipped LLaVA-1.5-7B
-   shape, optionally with the LLM truncated to ``layers`` decoder layers), in ``dtype`` on ``device``, without
+1. builds a randomly initialised model of any registered family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; the
+   class, the image and the counted parts come from ``visiondrop.models.family``) from a config (default the shipped
+   LLaVA-1.5-7B shape, optionally with the LLM truncated to ``layers`` decoder layers), in ``dtype`` on ``device``, without
    transformers' slow initialisation: parameters are allocated empty and filled in place with small normal noise
    (norms at 1, biases at 0), which keeps activations finite and away from denormals;
 2. builds a batch of ``batch`` identical-length rows: ``text_tokens`` random text ids around one run of ``<image>``
@@ -47,7 +48,9 @@ from typing import Any
 import torch
 
 from .. import flops
+from ..compat import no_init_weights
 from ..methods import build, method_class
+from ..models.family import family_of
 from .costs import format_bytes, format_table, parse_budget, parse_settings
 
 __all__ = [
@@ -56,8 +59,12 @@ __all__ = [
     "add_parser",
     "bench_config",
     "make_inputs",
+    "parse_methods",
     "random_model",
+    "resolve_device",
+    "resolve_dtype",
     "run_bench",
+    "run_bench_command",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,30 +148,30 @@ def _positive(value: Any, what: str, minimum: int = 1) -> int:
 
 
 def bench_config(model: str = "llava-1.5-7b", layers: int | None = None) -> Any:
-    """The ``LlavaConfig`` the bench builds: ``model``'s config with the LLM truncated to ``layers`` layers.
+    """The transformers config the bench builds: ``model``'s config with the LLM truncated to ``layers`` layers.
+
+    Any registered family (``visiondrop.models.family``): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
 
     Raises
     ------
     ValueError
-        For an unknown model, a config that is not a LLaVA-1.5-style one (``model_type`` ``llava``), or a layer
-        count outside ``1..num_hidden_layers``.
+        For an unknown model, a config of no supported family, or a layer count outside ``1..num_hidden_layers``.
     """
-    from transformers import LlavaConfig
+    from transformers import AutoConfig
 
     try:
         data, label = flops.read_config(model)
     except ValueError as exc:
         raise ValueError(f"--model {model!r}: {exc}") from None
-    if data.get("model_type") != "llava":
-        raise ValueError(
-            f"--model {label!r}: visiondrop bench builds LLaVA-1.5-style models (model_type 'llava'), "
-            f"got model_type {data.get('model_type')!r}; `visiondrop flops` costs the other families"
-        )
     try:
-        config = LlavaConfig.from_dict(data)
+        family_of(data.get("model_type"))
+    except ValueError as exc:
+        raise ValueError(f"--model {label!r}: {exc}") from None
+    try:
+        config = AutoConfig.for_model(**data)
     except (TypeError, ValueError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:200]
-        raise ValueError(f"--model {label!r}: not a valid LLaVA config ({reason})") from None
+        raise ValueError(f"--model {label!r}: not a valid {data['model_type']} config ({reason})") from None
     total = config.text_config.num_hidden_layers
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
@@ -176,28 +183,20 @@ def bench_config(model: str = "llava-1.5-7b", layers: int | None = None) -> Any:
     return config
 
 
-def _no_init() -> Any:
-    """transformers' context that skips weight initialisation (5.x keeps it in ``transformers.initialization``)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older 5.x layouts
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def random_model(config: Any, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """A ``LlavaForConditionalGeneration`` of ``config`` with random weights, built fast, in eval mode.
+    """The family's model (``LlavaForConditionalGeneration``, ...) of ``config`` with random weights, built fast.
 
     Parameters are allocated on ``device`` in ``dtype`` without transformers' (slow, for 7B parameters: minutes)
     initialisation, then filled in place: normal noise of the config's ``initializer_range`` (0.02 by default) for
     weights and embeddings, ones for normalisation weights, zeros for biases. Buffers (rotary frequencies, position
     ids) are computed by the constructors and left alone.
     """
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
+    model_class = getattr(transformers, family_of(config.model_type).model_class(config.model_type))
     std = float(getattr(config.text_config, "initializer_range", 0.02) or 0.02)
-    with _no_init(), torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    with no_init_weights(), torch.device(device):
+        model = model_class._from_config(config, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -225,43 +224,46 @@ def make_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """A batch of ``batch`` rows of one image each: ``input_ids``, ``attention_mask`` and ``pixel_values``.
+    """A batch of ``batch`` rows of one image each, as the family's processor would give it.
 
-    Every row has ``text_tokens`` random text ids (never the image, pad, BOS or EOS ids) with the image's
-    placeholder run after the first 5, so the rows need no padding and the counts are exact.
+    Every row has ``text_tokens`` non-visual tokens: random text ids (never a special id of the config) and the
+    family's markers around the image, if it has any (Qwen2-VL's ``<|vision_start|>``/``<|vision_end|>``); the
+    image's run comes after the first 5 of them, so the rows need no padding and the counts are exact. The image is
+    the family's (see ``Family.bench_image``): LLaVA-1.5's one crop, LLaVA-NeXT's largest grid, a 672 x 672 Qwen2-VL
+    image.
 
     Returns
     -------
     dict
-        ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long (all ones), ``pixel_values`` (B, 3, S, S).
+        ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long (all ones), the image inputs (``pixel_values`` in
+        ``dtype``, ``image_sizes`` or ``image_grid_thw``) and, for Qwen2-VL, ``mm_token_type_ids`` (B, T).
     """
-    vision = config.vision_config
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
-    vocab = config.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
+    image = family_of(config.model_type).bench_image(config, batch, generator)
+    vocab = config.text_config.vocab_size
     reserved = {
-        int(config.image_token_id),
-        *(
-            int(v)
-            for v in (
-                getattr(config, "pad_token_id", None),
-                getattr(config.text_config, "pad_token_id", None),
-                getattr(config.text_config, "bos_token_id", None),
-                getattr(config.text_config, "eos_token_id", None),
-            )
-            if isinstance(v, int)
-        ),
+        int(value)
+        for source in (config, config.text_config)
+        for name, value in vars(source).items()
+        if name.endswith("_token_id") and isinstance(value, int) and not isinstance(value, bool)
     }
     allowed = torch.tensor([i for i in range(min(vocab, 32000)) if i not in reserved])
-    text = allowed[torch.randint(len(allowed), (batch, text_tokens), generator=generator)]
-    before = min(_TEXT_BEFORE_IMAGE, text_tokens)
-    image = torch.full((batch, image_tokens), int(config.image_token_id), dtype=torch.long)
-    ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
-    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    markers = len(image.placeholders) - image.tokens
+    if text_tokens < markers:
+        raise ValueError(f"--text-tokens must be >= {markers} for {config.model_type} (its image markers)")
+    text = allowed[torch.randint(len(allowed), (batch, text_tokens - markers), generator=generator)]
+    before = min(_TEXT_BEFORE_IMAGE, text.shape[1])
+    run = torch.tensor(image.placeholders, dtype=torch.long).expand(batch, -1)
+    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if image.modality_ids is not None:  # e.g. Qwen2-VL's M-RoPE needs to know which positions are visual
+        flags = torch.tensor(image.image_flags, dtype=torch.long).expand(batch, -1)
+        zeros = torch.zeros_like(text)
+        out[image.modality_ids] = torch.cat([zeros[:, :before], flags, zeros[:, before:]], dim=1)
+    out.update(image.inputs)
     return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": pixels.to(device=device, dtype=dtype),
+        key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        for key, value in out.items()
     }
 
 
@@ -289,7 +291,7 @@ class _Clock:
 
 
 class _TokenCounter:
-    """Forward hooks that record the shapes each part of a LLaVA model processed in one call.
+    """Forward hooks that record the shapes each part of a vision-language model processed in one call.
 
     Attributes
     ----------
@@ -303,18 +305,20 @@ class _TokenCounter:
         Positions the LM head was applied to.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        from ..compat import vision_encoder_layers
-
+    def __init__(self, model: torch.nn.Module, vit_tokens: int) -> None:
+        self._vit_tokens = (
+            vit_tokens  # tokens of one ViT pass, for towers that run all images as one sequence
+        )
         self.vision: list[tuple[int, int]] = []
         self.projector = 0
         self.llm: list[tuple[int, int]] = []
         self.lm_head = 0
         inner = model.model
+        vision_layers, projector = family_of(model.config.model_type).vision_parts(model)
         self._targets: list[tuple[torch.nn.Module, Any]] = []
-        for layer in vision_encoder_layers(inner.vision_tower):
+        for layer in vision_layers:
             self._targets.append((layer, self._on_vision))
-        self._targets.append((inner.multi_modal_projector, self._on_projector))
+        self._targets.append((projector, self._on_projector))
         self._decoder_layers = list(inner.language_model.layers)
         for layer in self._decoder_layers:
             self._targets.append((layer, self._on_llm))
@@ -334,7 +338,12 @@ class _TokenCounter:
 
     def _on_vision(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         hidden = self._first_tensor(output)
-        self.vision.append((hidden.shape[0], hidden.shape[1]))
+        if (
+            hidden.dim() == 2
+        ):  # (all patches, width): Qwen2-VL's blocks attend within each image of the sequence
+            self.vision.append((hidden.shape[0] // self._vit_tokens, self._vit_tokens))
+        else:
+            self.vision.append((hidden.shape[0], hidden.shape[1]))
 
     def _on_projector(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         hidden = self._first_tensor(output)
@@ -712,7 +721,8 @@ def run_bench(
     Parameters
     ----------
     model : str
-        A shipped LLaVA-1.5 config (``llava-1.5-7b``, ``llava-1.5-13b``) or a path to a LLaVA ``config.json``.
+        A shipped config (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-next-7b``, ``qwen2-vl-7b``) or a path to a
+        ``config.json`` of a supported family.
     methods : sequence of str
         Registry names to measure next to the unpruned model.
     budget, budget_mode, settings
@@ -753,8 +763,8 @@ def run_bench(
     arch = flops.ArchSpec.from_config(config, name=str(model))
     num_layers = config.text_config.num_hidden_layers
     full_layers = flops.ArchSpec.from_config(bench_config(model)).num_layers
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    image_tokens = side * side
+    image = family_of(config.model_type).bench_image(config, 1, torch.Generator())
+    image_tokens, grids = image.tokens, image.grids
 
     # Every method and its schedule on this (possibly truncated) model, before the slow part.
     extra = dict(settings or {})
@@ -768,7 +778,7 @@ def run_bench(
         fields = {k: v for k, v in extra.items() if k in accepted}
         fields.update(budget=budget, budget_mode=budget_mode)
         pruner = build(name, **fields)
-        pruner.schedule(image_tokens, num_layers, ((side, side),))
+        pruner.schedule(image_tokens, num_layers, grids)
         pruners[name] = pruner
 
     logger.info("building the random %s model (%d LLM layers, %s, %s)", model, num_layers, dtype, target)
@@ -818,7 +828,7 @@ def run_bench(
         for name in configs:
             for _ in range(warmup):
                 call(name, new_tokens)
-            counter, memory = _TokenCounter(net), _MemoryWatch(target)
+            counter, memory = _TokenCounter(net, image.vit_tokens), _MemoryWatch(target)
             with counter.watching(), memory.watching():
                 out = call(name, 1, return_dict_in_generate=True)
             cache = out.past_key_values
@@ -857,7 +867,7 @@ def run_bench(
         sample = samples[name]
         pruner = pruners.get(name)
         schedule = (
-            pruner.schedule(image_tokens, num_layers, ((side, side),))
+            pruner.schedule(image_tokens, num_layers, grids)
             if pruner is not None
             else build("none").schedule(image_tokens, num_layers)
         )
@@ -966,13 +976,15 @@ def add_parser(subparsers: Any) -> None:
         "bench",
         help="measure prefill/decode speed-ups of methods on a random model of a real shape",
         description=(
-            "Build a randomly initialised LLaVA model of a real shape and measure, in one interleaved run, time to "
+            "Build a randomly initialised model of a real shape (any supported family) and measure, in one interleaved run, time to "
             "first token, decode speed, peak memory and KV-cache size, unpruned and for each method; print each "
             "method's prefill speed-up next to its FLOPs ratio and its scoring+merging time."
         ),
     )
     parser.add_argument(
-        "--model", default="llava-1.5-7b", help="llava-1.5-7b (default), llava-1.5-13b or a LLaVA config.json"
+        "--model",
+        default="llava-1.5-7b",
+        help=f"one of {', '.join(flops.SHIPPED_CONFIGS)} (default llava-1.5-7b), or a config.json of a supported family",
     )
     parser.add_argument(
         "--layers", type=int, help="truncate the LLM to this many decoder layers (default: all)"

@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the methods: stages, signal, merging, paper")
     methods.set_defaults(func=cmd_methods)
 
-    from . import bench, costs  # their subcommands: `visiondrop flops`, `visiondrop bench`
+    from . import bench, flops_cmd  # their subcommands: `visiondrop flops`, `visiondrop bench`
 
-    costs.add_parser(sub)
+    flops_cmd.add_parser(sub)
     bench.add_parser(sub)
     from . import demo  # `visiondrop demo` (gradio is imported only when the command runs)
 
