@@ -40,7 +40,7 @@ def declare_missing_schemas() -> list[str]:
         except RuntimeError:
             pass
         if _LIBRARY is None:
-            _LIBRARY = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901 (a namespace we do not own)
+            _LIBRARY = torch.library.Library("torchvision", "FRAGMENT")  # a fragment: adds to the namespace
         _LIBRARY.define(schema)
         declared.append(name)
     return declared
