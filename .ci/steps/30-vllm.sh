@@ -3,7 +3,7 @@
 # identity / VisionDrop / family tests there, so the low end of visiondrop's transformers range is tested too, then
 # the vLLM plugin's tests (tests/integration/vllm) when present.
 # Measured on the 2-core machine shared with other jobs (2026-12-04): setup 300 s cold (107 s with a warm pip
-# cache), core tests ~65 s.
+# cache), core tests ~65 s, plugin tests ~7.5 min (3 engine starts at ~45-50 s plus HF runs): ~10-13 min in all.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS=0
