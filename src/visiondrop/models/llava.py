@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import flops, ops
-from ..compat import vision_encoder_layers
+from ..compat import selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 
@@ -129,15 +129,12 @@ class LlavaAdapter(ModelAdapter):
         pixel_values = kwargs["pixel_values"]
         tower = self.model.model.vision_tower
         # The same call LlavaModel.get_image_features makes, capturing the scoring layer's input as well.
-        out = tower(
-            pixel_values,
-            output_hidden_states=[self.feature_index - 1, self.feature_index],
-            return_dict=True,
+        layer_input, hidden = selected_hidden_states(
+            tower, pixel_values, [self.feature_index - 1, self.feature_index]
         )
-        hidden = out.hidden_states[self.feature_index]
         tokens = ClipVisionTokens(
             hidden,
-            out.hidden_states[self.feature_index - 1],
+            layer_input,
             self.scoring_layer,
             has_cls=LlavaAdapter.has_cls,
             grids=(self.grid,),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import flops, ops
-from ..compat import vision_encoder_layers
+from ..compat import selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 from .llava import clip_arch_fields, clip_vision_parts
@@ -214,11 +214,11 @@ class LlavaNextAdapter(ModelAdapter):
         if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded with unused crops
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts, strict=True)])
         tower = self.model.model.vision_tower
-        out = tower(
-            pixel_values, output_hidden_states=[self.feature_index - 1, self.feature_index], return_dict=True
+        layer_input, layer_output = selected_hidden_states(
+            tower, pixel_values, [self.feature_index - 1, self.feature_index]
         )
-        hidden = out.hidden_states[self.feature_index].split(counts)
-        inputs = out.hidden_states[self.feature_index - 1].split(counts)
+        hidden = layer_output.split(counts)
+        inputs = layer_input.split(counts)
         groups = []
         for image, ((nh, nw, window), h, x) in enumerate(zip(layouts, hidden, inputs, strict=True)):
             source, placeholder = self._token_sources(nh, nw, window)

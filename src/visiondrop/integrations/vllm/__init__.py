@@ -1,0 +1,24 @@
+"""vLLM out-of-tree plugin: visiondrop's vision-stage pruning inside vLLM (LLaVA-1.5 so far).
+
+vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point in every process it starts; the model
+class is registered by its ``"module:Class"`` path, so nothing here imports vLLM's model code until vLLM needs it.
+Users select it with :func:`visiondrop.vllm.hf_overrides`.
+"""
+
+from __future__ import annotations
+
+from ...vllm import ARCHITECTURES
+
+__all__ = ["register"]
+
+_CLASSES = {
+    "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration"
+}
+
+
+def register() -> None:
+    """Register the plugin's model classes with vLLM's ``ModelRegistry`` (lazily, by import path)."""
+    from vllm import ModelRegistry
+
+    for architecture in ARCHITECTURES.values():
+        ModelRegistry.register_model(architecture, _CLASSES[architecture])

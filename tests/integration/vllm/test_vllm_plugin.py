@@ -1,0 +1,165 @@
+"""The vLLM plugin run end to end in vLLM's CPU engine on the shipped pocket model, against our HF path.
+
+Needs ``.venv-vllm`` (``bash scripts/setup.sh vllm``); skipped where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+
+import pytest
+
+# In-process engine, small KV cache, no hub: set before vLLM is imported.
+for _key, _value in {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+import visiondrop as vd  # noqa: E402
+from visiondrop.testbed import DEFAULT_MODEL_PATH, build_prompt, load_testbed, make_split  # noqa: E402
+from visiondrop.vllm import ARCHITECTURES, CONFIG_KEY, hf_overrides  # noqa: E402
+
+N_SAMPLES = 30
+NEW_TOKENS = 2  # the pocket benchmark's answer length (one word and </s>)
+IMAGE_TOKENS = 576
+
+
+def _engine(model: str, **kwargs):
+    return vllm.LLM(
+        model=model,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        limit_mm_per_prompt={"image": 1},
+        **kwargs,
+    )
+
+
+def _run_vllm(llm, samples) -> list[tuple[list[int], int]]:
+    """(greedy ids, prompt token count) per sample."""
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+    requests = [{"prompt": build_prompt(s.question), "multi_modal_data": {"image": s.image}} for s in samples]
+    outs = llm.generate(requests, params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), len(o.prompt_token_ids)) for o in outs]
+
+
+def _close(llm) -> None:
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_split("test", N_SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return load_testbed()
+
+
+@torch.no_grad()
+def _run_hf(hf, samples, method=None) -> list[tuple[list[int], int]]:
+    """(greedy ids, prompt tokens the LLM saw) per sample, one sample per call (no padding)."""
+    model, processor = hf
+    results = []
+    for sample in samples:
+        inputs = processor(images=[sample.image], text=[build_prompt(sample.question)], return_tensors="pt")
+        length = inputs["input_ids"].shape[1]
+        if method is None:
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            kept = IMAGE_TOKENS
+        else:
+            with method.apply(model) as run:
+                out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            kept = run.report.images[0].stages[0].tokens
+        results.append((out[0, length:].tolist(), length - IMAGE_TOKENS + kept))
+    return results
+
+
+def test_stock_vllm_equals_transformers(tmp_path_factory, samples, hf):
+    """Stock vLLM (no plugin) on the shipped weights gives transformers' greedy ids."""
+    from safetensors.torch import load_file, save_file
+
+    # Stock vLLM 0.32 wants CLIP weights under vision_tower.vision_model.* (transformers 5 saves vision_tower.*):
+    # a renamed copy of the same tensors.
+    folder = tmp_path_factory.mktemp("stock_names")
+    shutil.copytree(
+        DEFAULT_MODEL_PATH, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    weights = load_file(DEFAULT_MODEL_PATH / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    llm = _engine(str(folder))
+    try:
+        got = _run_vllm(llm, samples)
+    finally:
+        _close(llm)
+    want = _run_hf(hf, samples)
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert [n for _, n in got] == [n for _, n in want]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        vd.build("visiondrop", budget=64, boundaries=(), positions="compact"),
+        vd.build("visiondrop", budget=IMAGE_TOKENS, boundaries=(), positions="compact"),
+    ],
+    ids=["visiondrop64", "keep-all"],
+)
+def test_plugin_equals_hf_path(samples, hf, method):
+    """The plugin's greedy ids and prompt token counts equal the HF path's with the same settings."""
+    llm = _engine(str(DEFAULT_MODEL_PATH), hf_overrides=hf_overrides(method))
+    try:
+        got = _run_vllm(llm, samples)
+    finally:
+        _close(llm)
+    want = _run_hf(hf, samples, method)
+    assert [n for _, n in got] == [n for _, n in want]
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    if method.budget < IMAGE_TOKENS:
+        assert all(n < 100 for _, n in got)  # 576 placeholders became the kept count
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"method": "fastv", "budget": 64}, "method='fastv'"),
+        ({"method": "visiondrop", "budget": 64, "boundaries": [2]}, "boundaries=(2,)"),
+        ({"method": "visiondrop", "budget": 64}, "boundaries=None"),
+        ({"method": "visiondrop", "budget": 1000, "boundaries": []}, "budget=1000"),
+    ],
+)
+def test_bad_settings_fail_at_engine_start(settings, named):
+    """Settings vLLM cannot honour (as `vllm serve --hf-overrides` JSON would pass them) stop the engine with one
+    line naming the value."""
+    overrides = {"architectures": [ARCHITECTURES["LlavaForConditionalGeneration"]], CONFIG_KEY: settings}
+    with pytest.raises(Exception) as caught:  # vLLM may wrap the plugin's ValueError
+        _engine(str(DEFAULT_MODEL_PATH), hf_overrides=overrides)
+    error = caught.value
+    while not isinstance(error, ValueError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, ValueError), repr(caught.value)
+    assert named in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("method", "named"),
+    [
+        (vd.build("pyramiddrop", budget=64), "method='pyramiddrop'"),
+        (vd.build("visiondrop", budget=64, boundaries=(4,)), "boundaries=(4,)"),
+    ],
+)
+def test_hf_overrides_refuses_in_llm_settings(method, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        hf_overrides(method)
