@@ -79,6 +79,8 @@ def _open_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"--image {path!r}: is a folder; give an image file")
     if not file.is_file():
         raise CLIError(f"--image {path!r}: no such file")
     try:
@@ -141,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model loads: budget, method fields, question, image, --out.
     # (Parsed here, not as argparse types: argparse lets a CLIError from a type out as a traceback.)
     args.budget = parse_budget(args.budget)
+    torch_dtype(args.dtype)  # an unknown --dtype before anything loads
     import torch
 
     from .. import build
@@ -228,6 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in specs:  # every field of every spec at every budget, before the model loads
         for budget in budgets:
             spec.build(budget, args.budget_mode)
+    torch_dtype(args.dtype)
     if args.n < 1:
         raise CLIError(f"--n {args.n}: evaluate at least one sample")
     if args.batch_size < 1:

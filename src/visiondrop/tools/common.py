@@ -169,9 +169,9 @@ def format_bytes(count: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_writable_place(path: Path, flag: str) -> None:
-    """The nearest existing folder above ``path`` must be a folder we can create files in."""
-    ancestor = path.parent if path.parent != path else path
+def _check_writable_place(path: Path, flag: str, start: Path | None = None) -> None:
+    """The nearest existing folder above ``path`` (or from ``start``) must be a folder we can create files in."""
+    ancestor = start if start is not None else path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -188,9 +188,6 @@ def check_output_file(path: str | Path, flag: str = "--json") -> Path:
     target = Path(path)
     if target.is_dir():
         raise CLIError(f"{flag} {str(path)!r}: is a folder; give a file name")
-    if target.exists():
-        _check_writable_place(target, flag)
-        return target
     _check_writable_place(target, flag)
     return target
 
@@ -200,7 +197,7 @@ def check_output_dir(path: str | Path, flag: str = "--out", names: tuple[str, ..
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise CLIError(f"{flag} {str(path)!r}: is a file; give a folder")
-    _check_writable_place(target / "x", flag)
+    _check_writable_place(target, flag, start=target)
     for name in names:
         if (target / name).is_dir():
             raise CLIError(f"{flag} {str(path)!r}: {name} there is a folder")
