@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -305,3 +308,50 @@ def test_eval_specs_and_run_set_give_the_same_method():
     assert spec.build(64, "average") == vd.build(
         "visiondrop", budget=64, **parse_settings("boundaries=8,16,merge=mean")
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README "Guarantees": no network at run time, same answer in another process, one line from a real process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_cli_opens_no_network_connection(monkeypatch, capsys):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access at run time: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    assert cli.main(["run", "--method", "visiondrop", "--max-new-tokens", "2"]) == 0
+    assert "visiondrop (budget 64, average):" in capsys.readouterr().out
+
+
+def _cli_process(*argv: str, threads: str = "1") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+    env.pop("VISIONDROP_DEBUG", None)
+    code = "import sys; from visiondrop.tools.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
+def test_another_process_with_other_threads_gives_the_same_pruned_answer_and_report(capsys):
+    argv = ["run", "--method", "random", "--seed", "3", "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0
+    here = capsys.readouterr().out
+    there = _cli_process(*argv, threads="2")
+    assert there.returncode == 0, there.stderr
+    assert there.stdout == here
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
+    bomb = _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    done = _cli_process("run", "--image", str(bomb))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        line for line in done.stderr.strip().splitlines() if line.startswith("visiondrop run: error: --image")
+    ]
+    assert len(done.stderr.strip().splitlines()) == 1
