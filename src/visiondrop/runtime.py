@@ -377,7 +377,7 @@ class Session:
             value = kwargs.get(name, getattr(config, name, None))
             if value is not None:
                 raise ValueError(
-                    f"{name}={value!r}: assisted decoding crops the cache to one length, which pruned layers do "
+                    f"{name}={_short(value)}: assisted decoding crops the cache to one length, which pruned layers do "
                     "not share"
                 )
         self._check_forward_kwargs(kwargs)
@@ -991,3 +991,8 @@ class _Decode:
             cos_sin = kwargs["position_embeddings"]
         masks = session.stage_masks(hidden, mask2d, self.cache, stage.first_layer)
         return _StageState(masks, cos_sin, positions)
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a plain value; a model or other object by its type alone (its repr can run to many lines)."""
+    return repr(value) if isinstance(value, (int, float, str, bool)) else f"<{type(value).__name__}>"

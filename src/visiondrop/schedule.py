@@ -88,9 +88,12 @@ class Schedule:
             if stage.tokens <= 0:
                 raise ValueError(f"every stage must keep at least one token, got {stage}")
             if stage.tokens > previous:
+                if stage is self.stages[0]:
+                    raise ValueError(
+                        f"the vision stage {stage} keeps {stage.tokens} tokens and the image has {previous}"
+                    )
                 raise ValueError(
-                    f"a schedule cannot grow: {stage} keeps {stage.tokens} tokens after {previous} "
-                    f"(image has {self.image_tokens})"
+                    f"a schedule cannot grow: {stage} keeps {stage.tokens} tokens after {previous}"
                 )
             if stage is not self.stages[0]:
                 if stage.layer <= last_layer:
@@ -279,6 +282,11 @@ def schedule_from_stages(stages: Sequence, image_tokens: int, num_layers: int) -
         if isinstance(item, Stage):
             parsed.append(item)
             continue
+        if not isinstance(item, (tuple, list)):
+            raise TypeError(
+                f"stages[{i}]={item!r}: each stage is a tuple of ints, (dominant, contextual) for the vision stage "
+                "then (layer, dominant, contextual)"
+            )
         values = tuple(item)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise TypeError(f"stage entries must be ints, got {item!r}")

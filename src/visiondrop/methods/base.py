@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
+import sys
+import types
+import typing
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -91,8 +96,104 @@ def build(name: str, **kwargs: Any) -> PruningMethod:
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Field validation, at construction and on every assignment (issue 15). Each field is checked against its declared
+# type (bool is not an int; a sequence is a list or tuple, stored as a tuple), then the class's own __post_init__
+# checks run again (ranges, choices). A failed assignment leaves the method exactly as it was. A subclass gets all
+# of this by inheriting; it only declares its fields' types and checks their values in __post_init__.
+# ---------------------------------------------------------------------------------------------------------------
+
+_POSITION_POLICIES = ("auto", "compact", "preserve")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    """The evaluated annotation of field ``name`` (None when it cannot be evaluated: not checked by type)."""
+    for klass in cls.__mro__:
+        text = inspect.get_annotations(klass).get(name)
+        if text is not None:
+            if not isinstance(text, str):
+                return text
+            module = sys.modules.get(klass.__module__)
+            try:
+                return eval(text, {**vars(typing), **vars(module)} if module else dict(vars(typing)))
+            except Exception:  # a name only imported for type checkers: leave the field to __post_init__
+                return None
+    return None
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` (int, float, str, bool, None, unions, Sequence[X], tuple[X, ...], Any)."""
+    if hint is None or hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (collections.abc.Sequence, tuple, list) or hint in (collections.abc.Sequence, tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return all(_type_ok(v, args[0]) for v in value) if args else True
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+    return text or str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+class _CheckedFields(type):
+    """Metaclass of :class:`PruningMethod`: after ``__init__`` (and ``__post_init__``) the instance checks every
+    later assignment to a field."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            method = super().__call__(*args, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise _named(cls, err) from None
+        _freeze(method)
+        return method
+
+
+def _named(cls: type, err: Exception) -> Exception:
+    """The error with the class named in front and on one line."""
+    text = " ".join(str(err).split())
+    prefix = f"{cls.__name__}"
+    return type(err)(text if text.startswith(prefix) else f"{prefix}: {text}")
+
+
+def _check_field_types(method: PruningMethod) -> None:
+    """TypeError naming class, field and value for a field whose value does not fit its declared type."""
+    cls = type(method)
+    for f in dataclasses.fields(cls):
+        value = getattr(method, f.name)
+        hint = _field_type(cls, f.name)
+        if not _type_ok(value, hint):
+            raise TypeError(f"{cls.__name__}.{f.name} must be {_type_name(hint)}, got {value!r}")
+
+
+def _freeze(method: PruningMethod) -> None:
+    """Store list fields as tuples (hashable, not shared with the caller), then check every later assignment."""
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if isinstance(value, list):
+            object.__setattr__(method, f.name, tuple(value))
+    object.__setattr__(method, "_fields_checked", True)
+
+
 @dataclass
-class PruningMethod:
+class PruningMethod(metaclass=_CheckedFields):
     """Base class of every method.
 
     Attributes
@@ -120,7 +221,29 @@ class PruningMethod:
     #: Whether the method ranks by [CLS] attention and so needs a vision encoder with [CLS].
     requires_cls: ClassVar[bool] = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_fields_checked") or name not in {f.name for f in dataclasses.fields(self)}:
+            object.__setattr__(self, name, value)
+            return
+        before = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        object.__setattr__(
+            self, "_fields_checked", False
+        )  # __post_init__'s own normalising assignments go through
+        try:
+            self.__post_init__()
+        except (TypeError, ValueError) as err:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise _named(type(self), err) from None
+        _freeze(self)
+
     def __post_init__(self) -> None:
+        _check_field_types(self)
+        if self.positions not in _POSITION_POLICIES:
+            raise ValueError(
+                f"positions must be one of {', '.join(map(repr, _POSITION_POLICIES))}, got {self.positions!r}"
+            )
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"budget must be an int (tokens) or a float in (0, 1] (fraction), got {budget!r}")

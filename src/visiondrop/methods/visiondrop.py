@@ -100,8 +100,8 @@ class VisionDrop(PruningMethod):
         if not isinstance(self.debias, bool):
             raise TypeError(f"debias must be a bool, got {self.debias!r}")
         if self.stages is not None:
+            validate_stages(self.stages)  # first: it names a malformed entry
             self.stages = tuple(tuple(s) if not isinstance(s, Stage) else s for s in self.stages)
-            validate_stages(self.stages)
         if self.boundaries is not None:
             marks = tuple(self.boundaries)
             if any(isinstance(b, bool) or not isinstance(b, int) for b in marks):

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..weights import check_safetensors
 from .processor import build_prompt, unknown_words, warn_unknown_words
 from .scenes import QUESTION_TYPES, Sample, make_sample, make_split
 
@@ -84,15 +85,18 @@ def load_testbed(dtype: torch.dtype = torch.float32, path: str | Path | None = N
     ------
     FileNotFoundError
         If the folder holds no ``config.json``.
+    ValueError
+        If its weights are not safetensors (:func:`visiondrop.weights.check_safetensors`).
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     folder = Path(path) if path is not None else DEFAULT_MODEL_PATH
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no testbed model in {folder} (config.json missing)")
+    check_safetensors(folder)  # never a pickle: refused in one line before anything is read
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     model.eval()
     return model, processor
 

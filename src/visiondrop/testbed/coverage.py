@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..tools.costs import parse_budget
+from ..tools.common import parse_budget
 from ..tools.evaluation import parse_method_spec
 from . import ANSWER_TOKENS, _default_generate, evaluate, load_testbed
 from .scenes import QUESTION_TYPES, SPLITS, Sample, make_split, patch_labels

@@ -1120,7 +1120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     processor = build_processor()
     if cfg.init_from:
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        from ..weights import check_safetensors
+
+        check_safetensors(cfg.init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            cfg.init_from, dtype=torch.float32, use_safetensors=True
+        )
         logger.info("initialised from %s", cfg.init_from)
     else:
         model = build_model(cfg, processor)

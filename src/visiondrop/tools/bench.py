@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -42,7 +41,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +49,9 @@ from .. import flops
 from ..compat import no_init_weights
 from ..methods import build, method_class
 from ..models.family import family_of
-from .costs import format_bytes, format_table, parse_budget, parse_settings
+from . import common
+from .common import format_bytes, parse_budget, parse_settings
+from .costs import format_table
 
 __all__ = [
     "BenchResult",
@@ -62,21 +62,11 @@ __all__ = [
     "parse_methods",
     "random_model",
     "resolve_device",
-    "resolve_dtype",
     "run_bench",
     "run_bench_command",
 ]
 
 logger = logging.getLogger(__name__)
-
-_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
 
 #: Text tokens before the image run (``USER: <image>`` in LLaVA's template is about that long).
 _TEXT_BEFORE_IMAGE = 5
@@ -92,14 +82,6 @@ _CPU_RSS = "peak growth of the process's resident set, sampled every millisecond
 # ---------------------------------------------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """``"bf16"`` -> ``torch.bfloat16`` (also ``bfloat16``, ``float16``/``fp16``, ``float32``/``fp32``)."""
-    key = str(name).strip().lower()
-    if key not in _DTYPES:
-        raise ValueError(f"--dtype {name!r}: use one of bfloat16, float16, float32 (or bf16, fp16, fp32)")
-    return _DTYPES[key]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -752,7 +734,7 @@ def run_bench(
         method cannot meet on the (truncated) model.
     """
     names = parse_methods(methods)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = common.torch_dtype(dtype)
     batch = _positive(batch, "--batch")
     repeats = _positive(repeats, "--repeats")
     warmup = _positive(warmup, "--warmup", 0)
@@ -1035,6 +1017,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         logger.setLevel(logging.INFO)
         if not logging.getLogger().handlers and not logger.handlers:
             logger.addHandler(logging.StreamHandler())
+    if args.json_path:
+        common.check_output_file(args.json_path, "--json")  # before the run, not after it
     result = run_bench(
         args.model,
         methods=parse_methods(args.methods),
@@ -1054,9 +1038,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     )
     print(result)
     if args.json_path:
-        path = Path(args.json_path)
-        if path.parent != Path():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        path = common.write_json(args.json_path, result.to_dict(), "--json")
         print(f"results written to {path}")
     return 0

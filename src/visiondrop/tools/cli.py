@@ -5,71 +5,34 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .common import (
+    CLIError,
+    check_output_dir,
+    check_output_file,
+    parse_budget,
+    parse_settings,
+    torch_dtype,
+    write_json,
+)
 
 __all__ = ["main"]
 
 logger = logging.getLogger("visiondrop")
 
 
-class CLIError(Exception):
-    """A user error reported as one line, exit status 2."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# helpers shared by the commands
+# helpers shared by the commands (the parsers, dtypes and output checks live in .common)
 # ---------------------------------------------------------------------------------------------------------------
 
-
-def _dtype(name: str):
-    import torch
-
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
-        raise CLIError(f"--dtype {name!r}: use one of float32, bfloat16, float16")
-    return table[name]
-
-
-def _parse_budget(text: str) -> int | float:
-    from .costs import parse_budget
-
-    try:
-        return parse_budget(text)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-
-
-def _method_kwargs(text: str | None) -> dict[str, Any]:
-    """``--set key=value,key=value`` -> fields (ints, floats, bools, strings)."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for item in text.split(","):
-        if "=" not in item:
-            raise CLIError(f"--set {item!r}: use key=value")
-        key, raw = item.split("=", 1)
-        value: Any = raw
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    continue
-        out[key.strip()] = value
-    return out
+#: The question ``run --image`` asks when none is given: in the testbed's vocabulary (no <unk> warning).
+DEFAULT_QUESTION = "how many shapes are there?"
 
 
 def load_model(name_or_path: str | None, dtype_name: str = "float32"):
@@ -79,11 +42,17 @@ def load_model(name_or_path: str | None, dtype_name: str = "float32"):
     from transformers.utils import logging as hf_logging
 
     from ..testbed import DEFAULT_MODEL_PATH
+    from ..weights import check_safetensors
 
-    dtype = _dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
     path = Path(name_or_path) if name_or_path else DEFAULT_MODEL_PATH
     if name_or_path is None and not (path / "config.json").is_file():
         raise CLIError(f"the shipped testbed model is missing from {path}; pass --model")
+    if path.is_dir():
+        try:
+            check_safetensors(path)  # a pickle is never opened: one line naming the file
+        except ValueError as err:
+            raise CLIError(f"--model {name_or_path or str(path)!r}: {err}") from None
     source = str(path) if path.exists() else str(name_or_path)
     # A local folder loads in a blink: no "Loading weights" bar in front of the answer (or of a one-line error).
     quiet = path.exists() and hf_logging.is_progress_bar_enabled()
@@ -91,7 +60,7 @@ def load_model(name_or_path: str | None, dtype_name: str = "float32"):
         hf_logging.disable_progress_bar()
     try:
         processor = AutoProcessor.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except OSError as err:
         raise CLIError(f"--model {source!r}: cannot load it ({str(err).splitlines()[0]})") from None
     finally:
@@ -110,13 +79,27 @@ def _open_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"--image {path!r}: is a folder; give an image file")
     if not file.is_file():
         raise CLIError(f"--image {path!r}: no such file")
     try:
-        image = Image.open(file)
-        image.load()
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both are refused, before any decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(file)
+            width, height = image.size
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        size = re.search(r"\((\d+) pixels\)", str(err))
+        raise CLIError(
+            f"--image {path!r}: too large to decode safely ({size.group(1) + ' pixels' if size else err}; "
+            f"the limit is {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CLIError(f"--image {path!r}: not a readable image ({type(err).__name__})") from None
+    if width < 1 or height < 1:
+        raise CLIError(f"--image {path!r}: empty image ({width}x{height})")
     return image.convert("RGB")
 
 
@@ -212,12 +195,22 @@ def generate_answer(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Parsed here, not as an argparse type: argparse lets a CLIError from a type out as a traceback.
-    args.budget = _parse_budget(args.budget)
+    # Everything the user gave is checked before the model loads: budget, method fields, question, image, --out.
+    # (Parsed here, not as argparse types: argparse lets a CLIError from a type out as a traceback.)
+    args.budget = parse_budget(args.budget)
+    torch_dtype(args.dtype)  # an unknown --dtype before anything loads
     from .. import build
     from ..testbed import first_word, make_sample, unknown_words
 
-    model, processor = load_model(args.model, args.dtype)
+    method = build(args.method, budget=args.budget, budget_mode=args.budget_mode, **parse_settings(args.set))
+    if args.question is not None and not args.question.strip():
+        raise CLIError("--question '': give a question (or leave --question out for the default)")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens}: generate at least one token")
+    if args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: use a scene index >= 0")
+    if args.out:
+        check_output_dir(args.out, "--out", names=("kept.png", "report.json"))
     expected = None
     if args.image is None:
         sample = make_sample("test", args.seed)
@@ -226,12 +219,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         expected = sample.answer if args.question is None else None
     else:
         image = _open_image(args.image)
-        question = args.question or "What is in the image?"
+        question = args.question or (DEFAULT_QUESTION if args.model is None else "What is in the image?")
+    model, processor = load_model(args.model, args.dtype)
     if args.model is None:
         unknown = unknown_words(question, processor.tokenizer)
         if unknown:
             logger.warning("words outside the testbed vocabulary are read as <unk>: %s", ", ".join(unknown))
-    method = build(args.method, budget=args.budget, budget_mode=args.budget_mode, **_method_kwargs(args.set))
     inputs = prepare_inputs(model, processor, image, question, testbed=args.model is None)
     unpruned, _ = generate_answer(model, processor, inputs, args.max_new_tokens)
     pruned, report = generate_answer(model, processor, inputs, args.max_new_tokens, method)
@@ -247,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .viz import save_stages
 
         title = f"{args.method}, budget {args.budget} ({args.budget_mode}) - Q: {question} A: {pruned}"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         path = save_stages(image, report.images[0], Path(args.out) / "kept.png", title=title)
         (Path(args.out) / "report.json").write_text(report.to_json())
         print(f"picture:  {path}")
@@ -271,18 +265,35 @@ def _parse_positions(text: str | None) -> list[str] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from ..methods import available_methods
     from ..testbed import make_split
     from .evaluation import markdown_tables, parse_method_spec, run_eval
 
-    names = args.methods.split(",") if args.methods else [m for m in available_methods() if m != "none"]
+    names = (
+        args.methods.split(",")
+        if args.methods is not None
+        else [m for m in available_methods() if m != "none"]
+    )
     specs = [parse_method_spec(name) for name in names if name.strip() and name.strip() != "none"]
-    budgets = [_parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    if not specs:
+        raise CLIError(f"--methods {args.methods!r}: give at least one method (see `visiondrop methods`)")
+    budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise CLIError(f"--budgets {args.budgets!r}: give at least one budget, e.g. 192,128,64")
+    for spec in specs:  # every field of every spec at every budget, before the model loads
+        for budget in budgets:
+            spec.build(budget, args.budget_mode)
+    torch_dtype(args.dtype)
     if args.n < 1:
         raise CLIError(f"--n {args.n}: evaluate at least one sample")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: use at least 1")
+    if args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: use a dataset seed >= 0")
+    if args.json:
+        check_output_file(args.json, "--json")
     model, processor = load_model(args.model, args.dtype)
     samples = make_split(args.split, args.n, seed=args.seed)
     start = time.time()
@@ -308,8 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "command": "visiondrop eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        write_json(args.json, {"meta": meta, "results": rows}, "--json")
         print(f"results: {args.json}")
     return 0
 
@@ -416,10 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_plugins([*filter(None, os.environ.get("VISIONDROP_PLUGINS", "").split(",")), *args.plugin])
         return args.func(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
+    except (CLIError, ValueError, TypeError, OSError) as err:
         if os.environ.get("VISIONDROP_DEBUG"):
             raise
-        print(f"visiondrop {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the error's own text
+        print(f"visiondrop {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -3,10 +3,11 @@ counts (used by ``visiondrop flops``, ``visiondrop bench``, ``visiondrop run`` a
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
+
+from .common import DTYPES, dtype_bytes, format_bytes, parse_budget, parse_settings
 
 __all__ = [
     "DTYPE_BYTES",
@@ -18,49 +19,13 @@ __all__ = [
     "parse_settings",
 ]
 
-
-#: Bytes per KV-cache element for the ``--dtype`` names this command accepts.
-DTYPE_BYTES: dict[str, int] = {
-    "float32": 4,
-    "fp32": 4,
-    "bfloat16": 2,
-    "bf16": 2,
-    "float16": 2,
-    "fp16": 2,
-}
+#: Bytes per KV-cache element for the ``--dtype`` names (the one table is :data:`.common.DTYPES`).
+DTYPE_BYTES: dict[str, int] = {name: size for name, (_, size) in DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # parsing the command line
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_budget(text: str | int | float) -> int | float:
-    """``"64"`` -> 64 tokens per image, ``"0.25"`` -> a quarter of each image's tokens.
-
-    Raises
-    ------
-    ValueError
-        If ``text`` is not a number; the range is checked by the method.
-    """
-    if isinstance(text, bool):
-        raise ValueError(
-            f"--budget {text!r}: give a token count (e.g. 64) or a fraction in (0, 1] (e.g. 0.25)"
-        )
-    if isinstance(text, (int, float)):
-        return text
-    raw = text.strip()
-    if re.fullmatch(r"[+-]?\d+", raw):
-        return int(raw)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(
-            f"--budget {text!r}: give a token count (e.g. 64) or a fraction in (0, 1] (e.g. 0.25)"
-        )
-    return value
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -69,34 +34,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
     if match is None or int(match.group(1)) == 0 or int(match.group(2)) == 0:
         raise ValueError(f"--image-size {text!r}: give HEIGHTxWIDTH in pixels, e.g. 672x672")
     return int(match.group(1)), int(match.group(2))
-
-
-def parse_settings(text: str | None) -> dict[str, Any]:
-    """``"layer=3,merge=mean"`` -> ``{"layer": 3, "merge": "mean"}`` (ints, floats, booleans, else strings)."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for item in text.split(","):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: use key=value[,key=value...]")
-        value: Any = raw.strip()
-        if value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        elif re.fullmatch(r"[+-]?\d+", value):
-            value = int(value)
-        elif re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?", value):
-            value = float(value)
-        out[key.strip()] = value
-    return out
-
-
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of ``name`` (``bfloat16``, ``float16``, ``float32`` and their short forms)."""
-    key = name.strip().lower()
-    if key not in DTYPE_BYTES:
-        raise ValueError(f"--dtype {name!r}: use one of bfloat16, float16, float32 (or bf16, fp16, fp32)")
-    return DTYPE_BYTES[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,14 +51,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def format_bytes(count: float) -> str:
-    """``335544320`` -> ``"320.0 MiB"``."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(count) >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} B"
 
 
 def _jsonable(value: Any) -> Any:

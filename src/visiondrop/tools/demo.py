@@ -111,12 +111,12 @@ def _build_method(name: str, budget: str, budget_mode: str, fields: str) -> Any:
     """A method from the page's fields, through the CLI's own parsers (``--budget`` and ``--set`` rules)."""
     from .. import build
     from ..methods import available_methods
-    from .cli import _method_kwargs, _parse_budget
+    from .common import parse_budget, parse_settings
 
     if name not in available_methods():
         raise ValueError(f"method {name!r}: not in the registry ({', '.join(available_methods())})")
     return build(
-        name, budget=_parse_budget(str(budget).strip()), budget_mode=budget_mode, **_method_kwargs(fields)
+        name, budget=parse_budget(str(budget).strip()), budget_mode=budget_mode, **parse_settings(fields)
     )
 
 

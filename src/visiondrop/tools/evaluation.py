@@ -2,7 +2,8 @@
 
 A *method spec* names a registered method and optionally fixes some of its fields, with ``:`` between settings:
 ``visiondrop``, ``visiondrop:score=visual``, ``visiondrop:merge=mean:positions=preserve``, ``fastv:layer=1``,
-``visiondrop:boundaries=`` (an empty tuple: the vision stage only). Each spec runs at every budget.
+``visiondrop:boundaries=`` (an empty tuple: the vision stage only). Values follow :mod:`visiondrop.tools.common`'s rules, with ``/`` between
+tuple items. Each spec runs at every budget.
 """
 
 from __future__ import annotations
@@ -14,27 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..methods import build, method_class
+from .common import CLIError, parse_settings, parse_value
 
 __all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval", "standard_error"]
 
 logger = logging.getLogger(__name__)
-
-
-def parse_value(text: str) -> Any:
-    """``"true"`` -> True, ``"12"`` -> 12, ``"0.5"`` -> 0.5, ``""`` / ``"()"`` -> (), ``"8/16"`` -> (8, 16), else str."""
-    raw = text.strip()
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    if raw in ("", "()", "[]"):
-        return ()
-    if "/" in raw:
-        return tuple(parse_value(part) for part in raw.split("/"))
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            continue
-    return raw
 
 
 @dataclass(frozen=True)
@@ -64,14 +49,11 @@ def parse_method_spec(text: str) -> MethodSpec:
     """Parse ``name[:key=value]...``; ValueError naming the spec for unknown names or malformed settings."""
     parts = text.strip().split(":")
     name = parts[0].strip().lower()
+    if not name:
+        raise CLIError(f"method spec {text!r}: give a method name (see `visiondrop methods`)")
     method_class(name)  # unknown names fail here, naming the available ones
-    fields = []
-    for part in parts[1:]:
-        if "=" not in part:
-            raise ValueError(f"method spec {text!r}: settings are key=value, got {part!r}")
-        key, value = part.split("=", 1)
-        fields.append((key.strip(), parse_value(value)))
-    return MethodSpec(name, tuple(fields))
+    fields = parse_settings(":".join(parts[1:]), flag=f"method spec {text!r}:", separator=":")
+    return MethodSpec(name, tuple(fields.items()))
 
 
 def run_eval(

@@ -84,7 +84,7 @@ def read_runs(folders: Iterable[str | Path]) -> list[Run]:
     ValueError
         If no results file of the ``visiondrop`` model is found.
     """
-    from .costs import parse_budget
+    from .common import parse_budget
 
     runs: list[Run] = []
     for folder in folders:

@@ -84,11 +84,11 @@ def parse_method_fields(values: dict[str, Any]) -> dict[str, Any]:
     """
     if not values:
         return {}
-    from ...tools.cli import CLIError, _method_kwargs
+    from ...tools.common import CLIError, parse_settings
 
     text = ",".join(f"{key}={_as_text(value)}" for key, value in values.items())
     try:
-        return _method_kwargs(text)
+        return parse_settings(text, flag="--model_args")
     except CLIError as err:
         raise ValueError(str(err)) from None
 
@@ -98,7 +98,7 @@ def _as_text(value: Any) -> str:
 
 
 def _parse_budget(value: Any) -> int | float:
-    from ...tools.costs import parse_budget
+    from ...tools.common import parse_budget
 
     return parse_budget(_as_text(value))
 
