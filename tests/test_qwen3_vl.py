@@ -3,6 +3,8 @@ different sizes and a text-only row."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -256,3 +258,39 @@ def test_qwen3_restored_after_an_exception(qwen3):
     assert model_state(qwen3) == before
     with torch.no_grad():
         assert torch.equal(qwen3(**batch).logits, reference)
+
+
+def test_qwen3_projector_cost_counts_the_deepstack_mergers(qwen3):
+    """Qwen3-VL's projector cost = the main merger plus one merger per DeepStack level, from the model's weights."""
+    from visiondrop import flops
+
+    arch = flops.ArchSpec.from_config(qwen3.config)
+    visual = qwen3.model.visual
+    mergers = [visual.merger, *visual.deepstack_merger_list]
+    weights = sum(m.linear_fc1.weight.numel() + m.linear_fc2.weight.numel() for m in mergers)
+    assert flops.projector_flops(arch, 10) == 2 * 10 * weights
+    assert arch.patch_size == 16 and arch.vit_layers == 3 and arch.num_layers == LAYERS
+    with vd.VisionDrop(budget=0.5).apply(qwen3) as run:
+        generate(qwen3, _batch())
+    assert run.report.flops is not None and run.report.flops["ratio"] > 1
+
+
+def test_qwen3_vl_8b_shipped_config_is_what_transformers_reads():
+    from transformers import Qwen3VLConfig
+
+    from visiondrop import flops
+
+    data, _ = flops.read_config("qwen3-vl-8b")
+    fields = copy.deepcopy({k: v for k, v in data.items() if k not in ("architectures", "model_type")})
+    config = Qwen3VLConfig(**fields)  # (it rewrites the nested dicts it is given)
+    arch = flops.ArchSpec.from_config(data)
+    assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.kv_width, arch.ffn_size) == (
+        config.text_config.num_hidden_layers,
+        config.text_config.hidden_size,
+        config.text_config.num_attention_heads,
+        config.text_config.num_key_value_heads * config.text_config.head_dim,
+        config.text_config.intermediate_size,
+    )
+    assert list(config.vision_config.deepstack_visual_indexes) == [8, 16, 24]
+    assert arch.projector_hidden == 4 * (4 * config.vision_config.hidden_size)  # main + 3 DeepStack mergers
+    assert flops.read_config("Qwen/Qwen3-VL-8B-Instruct")[0] == data

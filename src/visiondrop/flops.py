@@ -109,7 +109,13 @@ __all__ = [
 DEFAULT_TEXT_TOKENS: int = 64
 
 #: Names of the configs shipped in ``visiondrop/configs/`` (written from published dimensions).
-SHIPPED_CONFIGS: tuple[str, ...] = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2-vl-7b")
+SHIPPED_CONFIGS: tuple[str, ...] = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-next-7b",
+    "qwen2-vl-7b",
+    "qwen3-vl-8b",
+)
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -119,9 +125,10 @@ _HUB_ALIASES: dict[str, str] = {
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
+    "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
 }
 
-_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,12 +356,20 @@ def _spec_from_dict(data: dict[str, Any], name: str) -> ArchSpec:
         vit_mlp = int(embed * vision["mlp_ratio"])
         mlp_matrices = 2
         merger_out = int(vision.get("hidden_size") or hidden)
+    elif family == "qwen3_vl":  # GELU vision MLP (2 matrices), `hidden_size` is the ViT width
+        embed = int(vision["hidden_size"])
+        vit_mlp = int(vision["intermediate_size"])
+        mlp_matrices = 2
+        merger_out = int(vision.get("out_hidden_size") or hidden)
     else:  # qwen2_5_vl: SwiGLU vision MLP, `hidden_size` is the ViT width there
         embed = int(vision["hidden_size"])
         vit_mlp = int(vision["intermediate_size"])
         mlp_matrices = 3
         merger_out = int(vision.get("out_hidden_size") or hidden)
     merger_in = embed * merge * merge
+    # Qwen3-VL's DeepStack runs one more merger of the same shape per level on the same units: (1 + levels)
+    # mergers in -> h -> out cost exactly one merger in -> (1 + levels) h -> out.
+    mergers = 1 + len(vision.get("deepstack_visual_indexes") or ()) if family == "qwen3_vl" else 1
     return ArchSpec(
         family=family,
         **llm,
@@ -369,7 +384,7 @@ def _spec_from_dict(data: dict[str, Any], name: str) -> ArchSpec:
         image_size=None,
         spatial_merge_size=merge,
         projector_in=merger_in,
-        projector_hidden=merger_in,
+        projector_hidden=merger_in * mergers,
         projector_out=merger_out,
         max_crops=1,
         name=name,
