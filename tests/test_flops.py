@@ -206,7 +206,9 @@ def test_every_shipped_config_loads(name: str) -> None:
 
 
 def test_shipped_dimensions() -> None:
-    l7, l13, nxt, qw = (vf.load_arch(n) for n in vf.SHIPPED_CONFIGS)
+    l7, l13, nxt, qw = (
+        vf.load_arch(n) for n in ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2-vl-7b")
+    )
     assert (l7.num_layers, l7.hidden_size, l7.ffn_size, l7.kv_width) == (32, 4096, 11008, 4096)
     assert (l13.num_layers, l13.hidden_size, l13.ffn_size, l13.kv_width) == (40, 5120, 13824, 5120)
     assert (l7.vit_layers, l7.vit_hidden, l7.vit_mlp, l7.vit_tokens_per_crop) == (24, 1024, 4096, 577)

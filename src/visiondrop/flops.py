@@ -108,7 +108,13 @@ __all__ = [
 DEFAULT_TEXT_TOKENS: int = 64
 
 #: Names of the configs shipped in ``visiondrop/configs/`` (written from published dimensions).
-SHIPPED_CONFIGS: tuple[str, ...] = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2-vl-7b")
+SHIPPED_CONFIGS: tuple[str, ...] = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-next-7b",
+    "qwen2-vl-7b",
+    "qwen3-vl-8b",
+)
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -118,6 +124,7 @@ _HUB_ALIASES: dict[str, str] = {
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
+    "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
 }
 
 #: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928

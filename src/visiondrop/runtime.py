@@ -333,7 +333,9 @@ class Session:
     def schedule(self, info: ImageInfo) -> Schedule:
         key = (info.tokens, info.grids)
         if key not in self._schedules:
-            self._schedules[key] = self.method.schedule(info.tokens, self.text.num_layers, info.grids or None)
+            schedule = self.method.schedule(info.tokens, self.text.num_layers, info.grids or None)
+            self.adapter.check_schedule(schedule)
+            self._schedules[key] = schedule
         return self._schedules[key]
 
     # --- checks ---------------------------------------------------------------------------------------------

@@ -265,3 +265,73 @@ def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1
         "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=gen),
         "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
     }
+
+
+def tiny_qwen3_vl_config(*, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3):
+    """A Qwen3-VL-shaped config: 3 ViT blocks of width 32 (16-px patches, 2x2 merger) whose blocks 0 and 1 feed
+    DeepStack (added after LLM layers 0 and 1), an 8-layer Qwen3 LLM of width 64 with interleaved M-RoPE."""
+    from transformers import Qwen3VLConfig
+
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+        initializer_range=init,
+    )
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        vocab_size=100,
+        max_position_embeddings=4096,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=init,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
+    config = Qwen3VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_qwen3_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.Qwen3VLForConditionalGeneration` from :func:`tiny_qwen3_vl_config`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(**config_kwargs)).eval().to(dtype)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def qwen3_vl_inputs(
+    rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left"
+) -> dict:
+    """:func:`qwen_inputs` with Qwen3-VL's 16-px patches (pixel rows of 3 x 2 x 16 x 16 values)."""
+    batch = qwen_inputs(rows, grids, seed=seed, side=side)
+    gen = torch.Generator().manual_seed(seed)
+    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape[0], 3 * 2 * 16 * 16, generator=gen)
+    return batch

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..compat import uses_sliding_window
+from ..schedule import Schedule
 
 __all__ = ["ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens"]
 
@@ -408,6 +409,9 @@ class ModelAdapter:
 
     def check_call(self, kwargs: dict) -> None:
         """Refuse inputs the family's adapter does not handle (one-line ValueError)."""
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        """Refuse a schedule the family cannot run (one-line ValueError); Qwen3-VL: boundaries before DeepStack ends."""
 
     def positions(self, kwargs: dict, *, generate: bool) -> torch.Tensor | None:
         """Positions of the unpruned sequence when the family computes its own (M-RoPE), else None.

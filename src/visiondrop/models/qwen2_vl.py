@@ -326,12 +326,22 @@ def _arch_fields(
         vit_mlp = int(embed * vision["mlp_ratio"])
         mlp_matrices = 2
         merger_out = int(vision.get("hidden_size") or llm["hidden_size"])
+    elif data.get("model_type") == "qwen3_vl":  # GELU vision MLP (2 matrices), `hidden_size` is the ViT width
+        embed = int(vision["hidden_size"])
+        vit_mlp = int(vision["intermediate_size"])
+        mlp_matrices = 2
+        merger_out = int(vision.get("out_hidden_size") or llm["hidden_size"])
     else:  # qwen2_5_vl
         embed = int(vision["hidden_size"])
         vit_mlp = int(vision["intermediate_size"])
         mlp_matrices = 3
         merger_out = int(vision.get("out_hidden_size") or llm["hidden_size"])
     merger_in = embed * merge * merge
+    # Qwen3-VL's DeepStack runs one more merger of the same shape per level on the same units: (1 + levels)
+    # mergers in -> h -> out cost exactly one merger in -> (1 + levels) h -> out.
+    mergers = (
+        1 + len(vision.get("deepstack_visual_indexes") or ()) if data.get("model_type") == "qwen3_vl" else 1
+    )
     return {
         "vit_layers": int(vision["depth"]),
         "vit_hidden": embed,
@@ -344,7 +354,7 @@ def _arch_fields(
         "image_size": None,
         "spatial_merge_size": merge,
         "projector_in": merger_in,
-        "projector_hidden": merger_in,
+        "projector_hidden": merger_in * mergers,
         "projector_out": merger_out,
         "max_crops": 1,
     }
