@@ -240,9 +240,8 @@ def test_qwen3_refusals(qwen3):
         (vd.VisionDrop(budget=0.5, score="cls"), "score='cls' needs a vision encoder with [CLS]"),
         (vd.VisionZip(budget=8), "visionzip ranks patches by [CLS] attention and Qwen3-VL's"),
     ):
-        # Refused when attached, or at the first call once the image's schedule is known; one line either way.
         with pytest.raises(ValueError) as err, method.apply(qwen3):
-            generate(qwen3, batch)
+            pass
         assert needle in str(err.value) and "\n" not in str(err.value)
     batch = _batch()
     batch["pixel_values_videos"] = torch.zeros(4, 3 * 2 * 16 * 16)
