@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -261,6 +262,13 @@ class Session:
         self._had_generate = "generate" in model.__dict__
         self._saved_generate: Any = model.__dict__.get("generate")
         self._generating = self._reported = False
+        #: False once the block exits: a ``generate`` reference taken inside the block then calls the model's own.
+        self.active = False
+        # One call at a time: the thread whose call is in flight (None: none), and whether the top-level forward
+        # (not generate) claimed it. Hooks are per module, so a second thread would share this call's state.
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._forward_claimed = False
         self.dtype = next(model.parameters()).dtype
         self._forward_signature = inspect.signature(model.forward)
         self._generate_signature = inspect.signature(model.generate)
@@ -310,15 +318,19 @@ class Session:
             session = self
 
             def generate(*args: Any, **kwargs: Any) -> Any:
+                if not session.active:  # a reference kept past the block: behave as the model does now
+                    return model.generate(*args, **kwargs)
                 return session.generate(original, *args, **kwargs)
 
             generate.__doc__ = original.__doc__
             model.generate = generate
+            self.active = True
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
+        self.active = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -328,6 +340,36 @@ class Session:
             self.model.__dict__["generate"] = self._saved_generate
         self.current = None
         self.pending = None
+        if self.run._last is not None:  # the report outlives the block; the call's cache and tensors need not
+            self.run._last.release()
+
+    # --- one call at a time ---------------------------------------------------------------------------------
+    def _claim(self) -> bool:
+        """Make the calling thread the owner of the call in flight; True when this claim is the outermost one.
+
+        RuntimeError when another thread's call is in flight: the hooks sit on the shared modules, so two
+        overlapping calls would mix their per-call state (and a caller that wanted the unpruned model gets a pruned
+        one anyway while the block is open).
+        """
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner is not None and self._owner != me:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} is pruned by visiondrop and already running a call in another "
+                    "thread; calls on a model inside apply() must not overlap (use one model per thread)"
+                )
+            outer = self._owner is None
+            self._owner = me
+        return outer
+
+    def _release(self) -> None:
+        with self._lock:
+            self._owner = None
+
+    def _check_thread(self) -> None:
+        owner = self._owner
+        if owner is not None and owner != threading.get_ident():
+            self._claim()  # raises
 
     # --- schedules ------------------------------------------------------------------------------------------
     def schedule(self, info: ImageInfo) -> Schedule:
@@ -483,6 +525,14 @@ class Session:
 
     # --- generate -------------------------------------------------------------------------------------------
     def generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = self._claim()
+        try:
+            return self._generate(original, *args, **kwargs)
+        finally:
+            if outer:
+                self._release()
+
+    def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         bound = self._generate_signature.bind_partial(*args, **kwargs)
         kwargs = dict(bound.arguments)
         kwargs.update(kwargs.pop("kwargs", {}))
@@ -510,6 +560,12 @@ class Session:
             vision = self.vision_stage(kwargs, generate=True)
         self.pending = vision
         self._generating, self._reported = True, False
+        if (
+            kwargs.get("streamer") is not None
+            and caller_ids is not None
+            and kwargs.get("input_ids") is not caller_ids
+        ):
+            kwargs["streamer"] = _CallerPromptStreamer(kwargs["streamer"], caller_ids)
         try:
             out = original(**kwargs)
         finally:
@@ -550,6 +606,18 @@ class Session:
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        outer = self._claim()
+        self._forward_claimed = outer
+        try:
+            return self._prepare_forward(args, kwargs)
+        except BaseException:
+            self.current = None
+            if outer:
+                self._forward_claimed = False
+                self._release()
+            raise
+
+    def _prepare_forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             bound = self._forward_signature.bind_partial(*args, **kwargs)
             kwargs = dict(bound.arguments)
@@ -601,12 +669,18 @@ class Session:
         return _Vision(infos, images, rows, len(spans), changed=False)
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._owner != threading.get_ident():  # a call this session refused (another thread's)
+            return
+        if self._forward_claimed:
+            self._forward_claimed = False
+            self._release()
         current, self.current = self.current, None
         if not isinstance(current, _Prefill) or output is None:
             return
         cache = output_cache(output)
         if cache is not None:
             self.records[cache] = current.cache_record()
+        current.release()
         # Inside generate() the report describes the prompt's prefill, not the later steps that
         # generate(use_cache=False) runs as prefills too.
         if not (self._generating and self._reported):
@@ -615,6 +689,7 @@ class Session:
 
     def _layer_hook(self, idx: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            self._check_thread()
             current = self.current
             if current is None:
                 return None
@@ -703,6 +778,25 @@ def _pad_id(config: Any) -> int:
     return 0
 
 
+class _CallerPromptStreamer:
+    """A streamer wrapper that shows the caller's prompt ids in place of the pruned ones ``generate()`` puts first."""
+
+    def __init__(self, streamer: Any, prompt: torch.Tensor) -> None:
+        self._streamer = streamer
+        self._prompt: torch.Tensor | None = prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt is not None:  # generate() puts the whole prompt once, before any generated token
+            value, self._prompt = self._prompt.to(value.device), None
+        self._streamer.put(value)
+
+    def end(self) -> None:
+        self._streamer.end()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._streamer, name)
+
+
 def _restore_prompt(out: Any, caller_ids: torch.Tensor, pruned_length: int) -> Any:
     """Put the caller's prompt back in front of the generated tokens of ``generate()``'s output."""
 
@@ -764,8 +858,12 @@ class _Prefill:
         batch, length, _ = hidden.shape
         device = hidden.device
         if self.state is None:
-            cos, sin = kwargs["position_embeddings"]
+            # A plain forward without position_ids gets (1, T) positions and rotary tables shared by every row
+            # (transformers 5.x); a stage rebuilds rows separately, so give each row its own.
+            cos, sin = (t.expand(batch, *t.shape[1:]) for t in kwargs["position_embeddings"])
             positions = kwargs.get("position_ids")
+            if positions is not None and positions.shape[-2] != batch:
+                positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
             if self.kwargs_mask is None:
                 mask2d = torch.ones(batch, length, dtype=torch.bool, device=device)
             else:
@@ -844,6 +942,12 @@ class _Prefill:
         self.state = _StageState(masks, (new_cos, new_sin), new_positions)
         self.stage_records.append(_StageRecord(first_layer=idx, mask=new_mask, dropped=new_dropped))
         return new_hidden
+
+    def release(self) -> None:
+        """Drop what only the forward pass needed (the cache, the stage's masks); the report keeps working."""
+        self.cache = None
+        self.state = None
+        self.mask2d = self.positions = self.dropped = None
 
     def cache_record(self) -> _CacheRecord:
         return _CacheRecord(

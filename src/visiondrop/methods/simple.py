@@ -67,7 +67,10 @@ class Pooling(PruningMethod):
         self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
     ) -> Schedule:
         self.check_image_tokens(image_tokens)
-        cells = sum(h * w for h, w in self.pooled_grids(image_tokens, grids))
+        # A fraction scales the patches that are pooled, as select_vision does: LLaVA-NeXT's newline placeholders
+        # are dropped, not pooled (counting them made the schedule promise more cells than the grids give).
+        patches = sum(h * w for h, w in grids) if grids else image_tokens
+        cells = sum(h * w for h, w in self.pooled_grids(patches, grids))
         return Schedule((Stage(0, 0, cells),), image_tokens, num_layers)
 
     def pooled_grids(
