@@ -24,13 +24,28 @@ from .methods import (
     method_class,
     register,
 )
-from .models import supported_models
 from .ops import Selection
 from .report import Report
-from .runtime import Run
 from .schedule import PUBLISHED_SCHEDULE, Schedule, Stage, derive_visiondrop_schedule
 
 __version__ = "0.1.0"
+
+# The runtime and the model adapters need transformers; they load on first use, so that building a method (and
+# importing ``visiondrop.ops`` or any method) works where transformers is absent or of another version.
+_LAZY = {"Run": ("runtime", "Run"), "supported_models": ("models", "supported_models")}
+
+
+def __getattr__(name: str) -> object:
+    """Load the transformers-backed names (``Run``, ``supported_models``) on first access."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DART",

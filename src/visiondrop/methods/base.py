@@ -18,8 +18,9 @@ from ..schedule import Schedule, Stage
 if TYPE_CHECKING:
     import torch
 
-    from ..models.base import LLMTokens, ModelAdapter, VisionTokens
+    from ..models.base import ModelAdapter
     from ..runtime import Run
+    from ..tokens import LLMTokens, VisionTokens
 
 __all__ = [
     "POSITION_POLICIES",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..models.base import LLMTokens
 from ..schedule import Schedule, Stage
+from ..tokens import LLMTokens
 from .base import MethodInfo, PruningMethod, one_boundary_count, register
 
 __all__ = ["DART"]

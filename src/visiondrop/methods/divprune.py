@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from ..models.base import VisionTokens
 from ..schedule import Schedule, Stage
+from ..tokens import VisionTokens
 from .base import MethodInfo, PruningMethod, register, vision_only_schedule
 
 __all__ = ["DivPrune"]

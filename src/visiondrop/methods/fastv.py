@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from ..models.base import LLMTokens
 from ..schedule import Schedule, Stage
+from ..tokens import LLMTokens
 from .base import MethodInfo, PruningMethod, one_boundary_count, register
 
 __all__ = ["FastV"]

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import ops
-from ..models.base import LLMTokens
 from ..schedule import Schedule, Stage, default_boundaries
+from ..tokens import LLMTokens
 from .base import MethodInfo, PruningMethod, register
 
 __all__ = ["PyramidDrop"]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.base import VisionTokens
 from ..schedule import Schedule, Stage
+from ..tokens import VisionTokens
 from .base import MethodInfo, PruningMethod, register, vision_only_schedule
 
 __all__ = ["Pooling", "RandomPruning"]

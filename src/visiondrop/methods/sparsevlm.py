@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.base import LLMTokens
 from ..schedule import Schedule, Stage
+from ..tokens import LLMTokens
 from .base import MethodInfo, register
 from .pyramiddrop import PyramidDrop
 

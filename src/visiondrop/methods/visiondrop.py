@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..models.base import LLMTokens, VisionTokens
 from ..schedule import (
     Schedule,
     Stage,
@@ -18,6 +17,7 @@ from ..schedule import (
     schedule_from_stages,
     validate_stages,
 )
+from ..tokens import LLMTokens, VisionTokens
 from .base import MethodInfo, PruningMethod, register
 
 __all__ = ["VisionDrop"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..models.base import VisionTokens
 from ..schedule import Schedule, Stage
+from ..tokens import VisionTokens
 from .base import MethodInfo, PruningMethod, register, vision_only_schedule
 
 __all__ = ["VisPruner", "remove_duplicates"]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.base import LLMTokens, VisionTokens
 from ..schedule import Schedule, Stage
+from ..tokens import LLMTokens, VisionTokens
 from .base import MethodInfo, PruningMethod, register
 from .holov import allocate, crop_ids
 
