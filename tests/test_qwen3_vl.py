@@ -115,7 +115,9 @@ def test_qwen3_kept_units_get_their_own_deepstack_features_and_mrope_positions(q
         rows = [offsets[image] + k for k in kept]  # rows of the unpruned DeepStack tensors
         for level in range(DEEPSTACK):
             got = pruned["deepstack_visual_embeds"][level][6 * image : 6 * (image + 1)]
-            torch.testing.assert_close(got, full["deepstack_visual_embeds"][level][rows], rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                got, full["deepstack_visual_embeds"][level][rows], rtol=1e-5, atol=1e-5
+            )
         cols = [image_cols[offsets[image] + k] for k in kept]
         # the main features: the pruned call's input embeddings at this image's visual columns
         row = cols[0][0]
@@ -124,7 +126,7 @@ def test_qwen3_kept_units_get_their_own_deepstack_features_and_mrope_positions(q
             1 for i in range(image) if image_cols[offsets[i]][0] == row
         )  # images before it in the row
         torch.testing.assert_close(
-            visual[6 * first : 6 * (first + 1)], merged[image][kept], rtol=0, atol=1e-6
+            visual[6 * first : 6 * (first + 1)], merged[image][kept], rtol=1e-5, atol=1e-5
         )
         expected = torch.stack([full["position_ids"][:, r, c] for r, c in cols], dim=1)  # (3 or 4, kept)
         got_pos = pruned["position_ids"][:, row][

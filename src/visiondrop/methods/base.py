@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 __all__ = [
     "POSITION_POLICIES",
     "MethodInfo",
+    "OneBoundaryMethod",
     "PruningMethod",
+    "VisionOnlyMethod",
     "available_methods",
     "build",
     "method_class",
+    "refuse_without_cls",
     "register",
 ]
 
@@ -322,9 +325,7 @@ class PruningMethod(metaclass=_CheckedFields):
                 "use positions='preserve' or 'auto'"
             )
         if self.requires_cls and not adapter.has_cls:
-            raise ValueError(
-                f"{self.name} ranks patches by [CLS] attention and {adapter.family}'s vision encoder has no [CLS]"
-            )
+            refuse_without_cls(self.name, adapter.family)
 
     def apply(self, model: torch.nn.Module, *, profile: bool = False) -> AbstractContextManager[Run]:
         """Prune ``model`` inside a ``with`` block; it is exactly as before once the block exits.
@@ -376,3 +377,42 @@ def one_boundary_count(method: PruningMethod, image_tokens: int, num_layers: int
             f"through the first {layer} layers (lowest: {lowest:.1f}); use a smaller layer or budget_mode='input'"
         )
     return min(image_tokens, round(kept))
+
+
+def refuse_without_cls(method: str, family: str | None = None) -> None:
+    """The one refusal of a [CLS]-ranked method on a vision encoder without [CLS] (ValueError)."""
+    encoder = f"{family}'s vision encoder" if family else "this vision encoder"
+    raise ValueError(f"{method} ranks patches by [CLS] attention and {encoder} has no [CLS]")
+
+
+class OneBoundaryMethod(PruningMethod):
+    """Base of in-LLM methods that prune once, after their ``layer`` field (FastV, DART).
+
+    Every layer before ``layer`` sees all image tokens; from ``layer`` on, :func:`one_boundary_count` tokens remain.
+    Subclasses declare the ``layer`` field (with their own default) and implement :meth:`select_llm`.
+    """
+
+    layer: int
+
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
+        self.check_image_tokens(image_tokens)
+        kept = one_boundary_count(self, image_tokens, num_layers, self.layer)
+        return Schedule((Stage(0, image_tokens), Stage(self.layer, kept)), image_tokens, num_layers)
+
+    def first_boundary(self, num_layers: int) -> int:
+        return self.layer
+
+
+class VisionOnlyMethod(PruningMethod):
+    """Base of methods that drop tokens once, before the LLM, to the budget (DivPrune, random).
+
+    The budget is the count entering the LLM in either budget mode; subclasses implement :meth:`select_vision`.
+    """
+
+    def schedule(
+        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
+    ) -> Schedule:
+        self.check_image_tokens(image_tokens)
+        return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)

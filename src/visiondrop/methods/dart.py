@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Stage
 from ..tokens import LLMTokens
-from .base import MethodInfo, PruningMethod, one_boundary_count, register
+from .base import MethodInfo, OneBoundaryMethod, register
 
 __all__ = ["DART"]
 
 
 @register
 @dataclass
-class DART(PruningMethod):
+class DART(OneBoundaryMethod):
     """DART: after ``layer``, pick ``pivots`` pivot tokens per image — those with the largest key norm (the next
     layer's post-RoPE keys) — and keep them plus the image tokens least similar (cosine of the hidden states) to any
     pivot: the least duplicated ones. No attention scores are needed, so it is cheap and text-agnostic.
@@ -51,16 +51,6 @@ class DART(PruningMethod):
         for field, value in (("layer", self.layer), ("pivots", self.pivots)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        kept = one_boundary_count(self, image_tokens, num_layers, self.layer)
-        return Schedule((Stage(0, image_tokens), Stage(self.layer, kept)), image_tokens, num_layers)
-
-    def first_boundary(self, num_layers: int) -> int:
-        return self.layer
 
     def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
         keep = stage.dominant

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Stage
 from ..tokens import VisionTokens
-from .base import MethodInfo, PruningMethod, register, vision_only_schedule
+from .base import MethodInfo, VisionOnlyMethod, register
 
 __all__ = ["DivPrune"]
 
 
 @register
 @dataclass
-class DivPrune(PruningMethod):
+class DivPrune(VisionOnlyMethod):
     """DivPrune: treat pruning as a Max-Min Diversity Problem over the projected visual embeddings (cosine distance)
     and solve it greedily (:func:`~visiondrop.ops.max_min_diversity`); the rest is dropped. Text-agnostic, no
     attention needed; the budget is the count entering the LLM in either budget mode.
@@ -30,12 +30,6 @@ class DivPrune(PruningMethod):
         merges=False,
         paper="Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, CVPR 2025",
     )
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
         patches = tokens.patch_mask.nonzero().flatten()

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Stage
 from ..tokens import LLMTokens
-from .base import MethodInfo, PruningMethod, one_boundary_count, register
+from .base import MethodInfo, OneBoundaryMethod, register
 
 __all__ = ["FastV"]
 
 
 @register
 @dataclass
-class FastV(PruningMethod):
+class FastV(OneBoundaryMethod):
     """FastV: every layer before ``layer`` sees all image tokens; from ``layer`` on only the top ones remain.
 
     The rank is the attention the last prompt token gives each image token, averaged over heads. As everywhere in
@@ -50,16 +50,6 @@ class FastV(PruningMethod):
             raise ValueError(
                 f"layer must be an int >= 1 (LLM layers that see every token), got {self.layer!r}"
             )
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        kept = one_boundary_count(self, image_tokens, num_layers, self.layer)
-        return Schedule((Stage(0, image_tokens), Stage(self.layer, kept)), image_tokens, num_layers)
-
-    def first_boundary(self, num_layers: int) -> int:
-        return self.layer
 
     def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
         return ops.Selection(keep=ops.top_k_sorted(tokens.text_attention(), stage.dominant))

@@ -9,14 +9,14 @@ import torch
 from .. import ops
 from ..schedule import Schedule, Stage
 from ..tokens import VisionTokens
-from .base import MethodInfo, PruningMethod, register, vision_only_schedule
+from .base import MethodInfo, PruningMethod, VisionOnlyMethod, register
 
 __all__ = ["Pooling", "RandomPruning"]
 
 
 @register
 @dataclass
-class RandomPruning(PruningMethod):
+class RandomPruning(VisionOnlyMethod):
     """Keep a uniformly random subset of each image's patches (in raster order); the rest is dropped.
 
     Draws come from a generator seeded with ``seed`` at every call, so the same inputs give the same picks.
@@ -28,12 +28,6 @@ class RandomPruning(PruningMethod):
 
     name = "random"
     info = MethodInfo(stages="vision", signal="none", merges=False, paper="(baseline) seeded uniform subset")
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
         patches = tokens.patch_mask.nonzero().flatten().cpu()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..schedule import Schedule, Stage
 from ..tokens import VisionTokens
-from .base import MethodInfo, PruningMethod, register, vision_only_schedule
+from .base import MethodInfo, PruningMethod, refuse_without_cls, register, vision_only_schedule
 
 __all__ = ["VisionZip"]
 
@@ -77,9 +77,7 @@ class VisionZip(PruningMethod):
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
         if not tokens.has_cls:
-            raise ValueError(
-                "visionzip ranks patches by [CLS] attention; this vision encoder has no [CLS] token"
-            )
+            refuse_without_cls(self.name)
         return ops.contextual_selection(
             tokens.cls_attention(),
             tokens.keys(),

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import flops, ops
 from ..compat import qwen_window_index
+from ..layout import hf_generate_positions
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 
@@ -226,13 +227,8 @@ class Qwen2VLAdapter(ModelAdapter):
         )
         if not generate:
             return vision
-        text = (
-            mask.long().cumsum(-1) - 1
-            if mask is not None
-            else torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        )
-        if mask is not None:
-            text = text.masked_fill(mask == 0, 0)
+        # generate() prepends its own 1-D text positions to the M-RoPE ones (the one definition is in layout).
+        text = hf_generate_positions(mask, *input_ids.shape, input_ids.device)
         return torch.cat([text[None].to(vision.device), vision], dim=0)
 
 
