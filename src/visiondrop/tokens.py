@@ -89,11 +89,6 @@ class VisionTokens:
         self.grids = grids
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """The first (for most families the only) patch grid."""
-        return self.grids[0]
-
-    @property
     def num_images(self) -> int:
         return self.hidden.shape[0]
 
