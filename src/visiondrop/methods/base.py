@@ -406,7 +406,7 @@ class OneBoundaryMethod(PruningMethod):
 
 
 class VisionOnlyMethod(PruningMethod):
-    """Base of methods that drop tokens once, before the LLM, to the budget (DivPrune, random).
+    """Base of methods that drop tokens once, before the LLM, to the budget (DivPrune, random, VisPruner, HoloV).
 
     The budget is the count entering the LLM in either budget mode; subclasses implement :meth:`select_vision`.
     """

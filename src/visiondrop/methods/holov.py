@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Stage
 from ..tokens import VisionTokens
-from .base import MethodInfo, PruningMethod, register, vision_only_schedule
+from .base import MethodInfo, VisionOnlyMethod, register
 
 __all__ = ["HoloV", "allocate", "crop_ids"]
 
 
 @register
 @dataclass
-class HoloV(PruningMethod):
+class HoloV(VisionOnlyMethod):
     """HoloV: split each patch grid into ``crops`` spatial crops, score every patch by its attention (its [CLS]
     attention; the attention it receives from all patches on encoders without [CLS]) plus ``diversity_weight`` times
     its dissimilarity to the rest of its crop, then share the budget between the crops in proportion to
@@ -70,12 +70,6 @@ class HoloV(PruningMethod):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.diversity_weight < 0:
             raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
         patches = tokens.patch_mask.nonzero().flatten()  # (P,)

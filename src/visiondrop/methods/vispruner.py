@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Stage
 from ..tokens import VisionTokens
-from .base import MethodInfo, PruningMethod, register, vision_only_schedule
+from .base import MethodInfo, VisionOnlyMethod, register
 
 __all__ = ["VisPruner", "remove_duplicates"]
 
 
 @register
 @dataclass
-class VisPruner(PruningMethod):
+class VisPruner(VisionOnlyMethod):
     """VisPruner: keep the ``important_ratio`` share of the budget with the most [CLS] attention at the feature
     layer, then fill the rest with *diverse* tokens: among the remaining patches, near-duplicates are removed
     iteratively (:func:`remove_duplicates`, cosine similarity of the feature-layer states) until the budget is met.
@@ -51,12 +51,6 @@ class VisPruner(PruningMethod):
         ratio = self.important_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"important_ratio must be a number in [0, 1], got {ratio!r}")
-
-    def schedule(
-        self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None
-    ) -> Schedule:
-        self.check_image_tokens(image_tokens)
-        return vision_only_schedule(self.budget_tokens(image_tokens), image_tokens, num_layers)
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
         if not tokens.has_cls:
