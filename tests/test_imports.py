@@ -48,3 +48,31 @@ def test_run_still_importable_lazily() -> None:
 
     assert visiondrop.Run is Run
     assert "LlavaForConditionalGeneration" in visiondrop.supported_models()
+
+
+# The core's modules, as ARCHITECTURE.md names them: the tools (tools/, testbed/, flops.py) are not held to this.
+CORE = (
+    "ops.py",
+    "tokens.py",
+    "schedule.py",
+    "layout.py",
+    "report.py",
+    "compat.py",
+    "methods",
+    "models",
+    "runtime",
+)
+
+
+def test_no_core_file_is_over_about_500_lines() -> None:
+    from pathlib import Path
+
+    import visiondrop
+
+    root = Path(visiondrop.__file__).parent
+    files = [
+        p for name in CORE for p in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py"))
+    ]
+    assert len(files) > 20, files
+    sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in files}
+    assert {name: n for name, n in sizes.items() if n > 550} == {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import visiondrop as vd
@@ -103,3 +105,37 @@ def test_a_boundary_past_the_last_layer_is_refused_against_the_model_depth():
         method.schedule(64, 8)
     with pytest.raises(ValueError, match="boundaries=\\[2, 9\\]"):
         vd.VisionDrop(boundaries=[2, 9]).schedule(64, 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "bad", "error", "needle"),
+    [
+        ("fastv", "layer", 0, ValueError, "layer must be LLM layers >= 1"),
+        ("dart", "layer", -1, ValueError, "layer must be LLM layers >= 1"),
+        ("vscan", "layer", 0, ValueError, "layer must be LLM layers >= 1"),
+        ("visiondrop", "boundaries", (4, 2), ValueError, "boundaries must increase"),
+        ("pyramiddrop", "boundaries", (4, 4), ValueError, "boundaries must increase"),
+        ("pyramiddrop", "boundaries", (), ValueError, "boundaries must name at least one LLM layer"),
+        ("sparsevlm", "boundaries", (0, 3), ValueError, "boundaries must be LLM layers >= 1"),
+    ],
+)
+def test_one_boundary_rule_for_every_in_llm_method(name, field, bad, error, needle):
+    """Issue 16: every method's boundary field is checked by ``schedule.check_boundaries``, one wording for all."""
+    with pytest.raises(error, match=needle) as err:
+        vd.build(name, **{field: bad})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "shown"),
+    [
+        ("fastv", {"layer": 8}, "layer=8"),
+        ("dart", {"layer": 9}, "layer=9"),
+        ("vscan", {"layer": 8}, "layer=8"),
+        ("visiondrop", {"boundaries": (2, 8)}, "boundaries=[2, 8]"),
+        ("pyramiddrop", {"boundaries": (2, 8)}, "boundaries=[2, 8]"),
+    ],
+)
+def test_one_depth_rule_for_every_in_llm_method(name, settings, shown):
+    with pytest.raises(ValueError, match=rf"{name}: {re.escape(shown)} is outside 1\.\.7 for an LLM of 8 layers"):
+        vd.build(name, budget=0.5, **settings).schedule(64, 8)

@@ -20,6 +20,8 @@ __all__ = [
     "PUBLISHED_SCHEDULE",
     "Schedule",
     "Stage",
+    "check_boundaries",
+    "check_boundaries_fit",
     "default_boundaries",
     "derive_visiondrop_schedule",
     "split_contextual",
@@ -156,6 +158,39 @@ class Schedule:
 #: The only schedule the authors published: LLaVA-1.5-7B (32 layers), average budget 32 (SPEC §7).
 #: Stage 0 keeps 42 dominant (including [CLS]) + 6 contextual; boundaries after layers 8, 16 and 24.
 PUBLISHED_SCHEDULE: tuple[tuple[int, ...], ...] = ((42, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3))
+
+
+def check_boundaries(field: str, value: int | Sequence[int], *, empty: bool = False) -> tuple[int, ...]:
+    """The one rule for a method's in-LLM boundary field, checked when the method is built; returns the layers.
+
+    A boundary is named by the number of LLM layers that run before it: an int >= 1. Several boundaries must
+    strictly increase; ``empty`` allows none at all (the method then prunes before the LLM only). Whether a boundary
+    fits the model's depth is :func:`check_boundaries_fit`'s, once the model is known.
+    """
+    marks = (value,) if isinstance(value, int) else tuple(value)
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in marks):
+        raise TypeError(f"{field} must be ints (LLM layers), got {value!r}")
+    if not marks and not empty:
+        raise ValueError(f"{field} must name at least one LLM layer, got {value!r}")
+    if any(b < 1 for b in marks):
+        raise ValueError(
+            f"{field} must be LLM layers >= 1 (layers that run before the boundary), got {value!r}"
+        )
+    if list(marks) != sorted(set(marks)):
+        raise ValueError(f"{field} must increase, got {value!r}")
+    return marks
+
+
+def check_boundaries_fit(method: str, field: str, value: int | Sequence[int], num_layers: int) -> None:
+    """Refuse a boundary that leaves no LLM layer after it (one line naming the method, the field and the value)."""
+    marks = (value,) if isinstance(value, int) else tuple(value)
+    outside = [b for b in marks if not 1 <= b <= num_layers - 1]
+    if outside:
+        shown = value if isinstance(value, int) else list(marks)
+        raise ValueError(
+            f"{method}: {field}={shown} is outside 1..{num_layers - 1} for an LLM of {num_layers} layers "
+            f"(a boundary after layer {outside[0]} must leave a layer to run)"
+        )
 
 
 def default_boundaries(num_layers: int) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..ops import Selection
-from ..schedule import Schedule, Stage
+from ..schedule import Schedule, Stage, check_boundaries, check_boundaries_fit
 
 if TYPE_CHECKING:
     import torch
@@ -361,11 +361,7 @@ def one_boundary_count(method: PruningMethod, image_tokens: int, num_layers: int
     ``average`` mode solves ``(N * K + n * (L - K)) / L = budget`` for ``n``; ``input`` mode keeps ``budget`` tokens
     at the pruning point (the count the pruned layers work with).
     """
-    if not 1 <= layer <= num_layers - 1:
-        raise ValueError(
-            f"{method.name}: layer={layer} is outside 1..{num_layers - 1} for a {num_layers}-layer LLM "
-            "(the boundary runs after that many layers)"
-        )
+    check_boundaries_fit(method.name, "layer", layer, num_layers)
     budget = method.budget_tokens(image_tokens)
     if method.budget_mode == "input":
         return max(1, min(image_tokens, round(budget)))
@@ -393,6 +389,10 @@ class OneBoundaryMethod(PruningMethod):
     """
 
     layer: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_boundaries("layer", self.layer)
 
     def schedule(
         self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None

@@ -48,9 +48,8 @@ class DART(OneBoundaryMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field, value in (("layer", self.layer), ("pivots", self.pivots)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        if isinstance(self.pivots, bool) or not isinstance(self.pivots, int) or self.pivots < 1:
+            raise ValueError(f"pivots must be an int >= 1, got {self.pivots!r}")
 
     def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
         keep = stage.dominant

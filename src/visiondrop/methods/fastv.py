@@ -44,12 +44,5 @@ class FastV(OneBoundaryMethod):
         paper="Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024",
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(
-                f"layer must be an int >= 1 (LLM layers that see every token), got {self.layer!r}"
-            )
-
     def select_llm(self, tokens: LLMTokens, stage: Stage) -> ops.Selection:
         return ops.Selection(keep=ops.top_k_sorted(tokens.text_attention(), stage.dominant))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import ops
-from ..schedule import Schedule, Stage, default_boundaries
+from ..schedule import Schedule, Stage, check_boundaries, check_boundaries_fit, default_boundaries
 from ..tokens import LLMTokens
 from .base import MethodInfo, PruningMethod, register
 
@@ -54,12 +54,7 @@ class PyramidDrop(PruningMethod):
         if self.ratio is not None and (isinstance(self.ratio, bool) or not 0 < float(self.ratio) < 1):
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
         if self.boundaries is not None:
-            marks = tuple(self.boundaries)
-            if not marks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in marks):
-                raise ValueError(f"boundaries must be layers >= 1, got {self.boundaries!r}")
-            if list(marks) != sorted(set(marks)):
-                raise ValueError(f"boundaries must increase, got {self.boundaries!r}")
-            self.boundaries = marks
+            self.boundaries = check_boundaries("boundaries", self.boundaries)
 
     def _marks(self, num_layers: int, first: int | None = None) -> list[int]:
         if first is None:
@@ -93,10 +88,7 @@ class PyramidDrop(PruningMethod):
     ) -> Schedule:
         self.check_image_tokens(image_tokens)
         marks = self._marks(num_layers)
-        if any(m >= num_layers for m in marks):
-            raise ValueError(
-                f"boundaries={marks}: a boundary after layer {max(marks)} leaves no layer to run"
-            )
+        check_boundaries_fit(self.name, "boundaries", marks, num_layers)
         ratio = self.ratio if self.ratio is not None else self._solve(image_tokens, num_layers, marks)
         if ratio is None and self.boundaries is None:
             for first in range(marks[0] - 1, 0, -1):

@@ -12,6 +12,8 @@ from .. import ops
 from ..schedule import (
     Schedule,
     Stage,
+    check_boundaries,
+    check_boundaries_fit,
     default_boundaries,
     derive_visiondrop_schedule,
     schedule_from_stages,
@@ -103,12 +105,7 @@ class VisionDrop(PruningMethod):
             validate_stages(self.stages)  # first: it names a malformed entry
             self.stages = tuple(tuple(s) if not isinstance(s, Stage) else s for s in self.stages)
         if self.boundaries is not None:
-            marks = tuple(self.boundaries)
-            if any(isinstance(b, bool) or not isinstance(b, int) for b in marks):
-                raise TypeError(f"boundaries must be ints, got {self.boundaries!r}")
-            if any(b < 1 for b in marks) or list(marks) != sorted(set(marks)):
-                raise ValueError(f"boundaries must be increasing layers >= 1, got {self.boundaries!r}")
-            self.boundaries = marks
+            self.boundaries = check_boundaries("boundaries", self.boundaries, empty=True)
 
     @classmethod
     def reference(cls, budget: int | float = 64, **overrides: Any) -> VisionDrop:
@@ -127,11 +124,8 @@ class VisionDrop(PruningMethod):
         if self.stages is not None:
             return schedule_from_stages(self.stages, image_tokens, num_layers)
         self.check_image_tokens(image_tokens)
-        if self.boundaries is not None and any(b >= num_layers for b in self.boundaries):
-            raise ValueError(
-                f"boundaries={list(self.boundaries)}: a boundary after layer {max(self.boundaries)} leaves no layer "
-                f"to run in a {num_layers}-layer LLM"
-            )
+        if self.boundaries is not None:
+            check_boundaries_fit(self.name, "boundaries", self.boundaries, num_layers)
         return derive_visiondrop_schedule(
             self.budget_tokens(image_tokens),
             image_tokens,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..schedule import Schedule, Stage
+from ..schedule import Schedule, Stage, check_boundaries, check_boundaries_fit
 from ..tokens import LLMTokens, VisionTokens
 from .base import MethodInfo, PruningMethod, register
 from .holov import allocate, crop_ids
@@ -64,9 +64,8 @@ class VScan(PruningMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        layer = self.layer
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
-            raise ValueError(f"layer must be an int >= 1 or None, got {layer!r}")
+        if self.layer is not None:
+            check_boundaries("layer", self.layer)
         for field, low, low_open in (("llm_ratio", 0, True), ("global_share", 0, False)):
             value = getattr(self, field)
             bad = isinstance(value, bool) or not isinstance(value, (int, float))
@@ -85,10 +84,7 @@ class VScan(PruningMethod):
 
     def _layer(self, num_layers: int) -> int:
         layer = num_layers // 2 if self.layer is None else self.layer
-        if not 1 <= layer <= num_layers - 1:
-            raise ValueError(
-                f"vscan: layer={layer} is outside 1..{num_layers - 1} for a {num_layers}-layer LLM"
-            )
+        check_boundaries_fit(self.name, "layer", layer, num_layers)
         return layer
 
     def schedule(

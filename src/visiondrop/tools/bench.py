@@ -50,7 +50,7 @@ from ..compat import no_init_weights
 from ..methods import build, method_class
 from ..models.family import family_of
 from . import common
-from .common import format_bytes, parse_budget, parse_settings
+from .common import add_model_options, format_bytes, parse_budget, parse_settings
 from .costs import format_table
 
 __all__ = [
@@ -963,11 +963,7 @@ def add_parser(subparsers: Any) -> None:
             "method's prefill speed-up next to its FLOPs ratio and its scoring+merging time."
         ),
     )
-    parser.add_argument(
-        "--model",
-        default="llava-1.5-7b",
-        help=f"one of {', '.join(flops.SHIPPED_CONFIGS)} (default llava-1.5-7b), or a config.json of a supported family",
-    )
+    add_model_options(parser, flops.SHIPPED_CONFIGS)
     parser.add_argument(
         "--layers", type=int, help="truncate the LLM to this many decoder layers (default: all)"
     )
@@ -975,15 +971,6 @@ def add_parser(subparsers: Any) -> None:
         "--methods",
         default="visiondrop",
         help="comma-separated registry names measured next to the unpruned model (default visiondrop)",
-    )
-    parser.add_argument(
-        "--budget",
-        default="64",
-        help="visual tokens per image (int) or a fraction (float in (0, 1]); default 64",
-    )
-    parser.add_argument("--budget-mode", default="average", choices=["average", "input"])
-    parser.add_argument(
-        "--set", dest="settings", help="other method fields, e.g. layer=3 (for methods with one)"
     )
     parser.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")

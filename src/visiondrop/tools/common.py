@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "DTYPES",
     "CLIError",
+    "add_model_options",
     "check_output_dir",
     "check_output_file",
     "dtype_bytes",
@@ -213,3 +214,24 @@ def write_json(path: str | Path, data: Any, flag: str = "--json") -> Path:
     except OSError as err:
         raise CLIError(f"{flag} {str(path)!r}: cannot write it ({err.strerror})") from None
     return target
+
+
+def add_model_options(parser: Any, shipped: list[str] | tuple[str, ...]) -> None:
+    """The options ``visiondrop bench`` and ``visiondrop flops`` share: which model, which budget, which settings.
+
+    ``shipped`` are the config names that ``--model`` takes besides a path to a ``config.json``.
+    """
+    parser.add_argument(
+        "--model",
+        default="llava-1.5-7b",
+        help=f"one of {', '.join(shipped)} (default llava-1.5-7b), or a config.json of a supported family",
+    )
+    parser.add_argument(
+        "--budget",
+        default="64",
+        help="visual tokens per image (int) or a fraction (float in (0, 1]); default 64",
+    )
+    parser.add_argument("--budget-mode", default="average", choices=["average", "input"])
+    parser.add_argument(
+        "--set", dest="settings", help="other method fields, e.g. layer=3 (FastV) or merge=mean"
+    )

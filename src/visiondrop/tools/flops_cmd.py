@@ -37,6 +37,7 @@ from .. import flops
 from ..flops import DEFAULT_IMAGE_SIZE, ImageShape, image_shape
 from ..methods import build
 from ..schedule import Schedule
+from .common import add_model_options
 from .costs import (
     _jsonable,
     dtype_bytes,
@@ -392,20 +393,10 @@ def add_parser(subparsers: Any) -> None:
             "method at a budget, per stage and in total. Nothing is loaded but the config."
         ),
     )
-    parser.add_argument(
-        "--model",
-        default="llava-1.5-7b",
-        help=f"one of {', '.join(flops.SHIPPED_CONFIGS)}, or a path to a config.json (default llava-1.5-7b)",
-    )
+    add_model_options(parser, flops.SHIPPED_CONFIGS)
     parser.add_argument(
         "--method", default="visiondrop", help="registry name (`visiondrop methods`); none = unpruned only"
     )
-    parser.add_argument(
-        "--budget",
-        default="64",
-        help="visual tokens per image (int) or a fraction (float in (0, 1]); default 64",
-    )
-    parser.add_argument("--budget-mode", default="average", choices=["average", "input"])
     parser.add_argument(
         "--text-tokens",
         type=int,
@@ -418,9 +409,6 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--batch", type=int, default=1, help="identical sequences (default 1)")
     parser.add_argument("--dtype", default="bfloat16", help="KV-cache element type (default bfloat16)")
-    parser.add_argument(
-        "--set", dest="settings", help="other method fields, e.g. layer=3 (FastV) or merge=mean"
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run_flops)
 
