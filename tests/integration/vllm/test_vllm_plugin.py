@@ -131,6 +131,42 @@ def test_plugin_equals_hf_path(samples, hf, method):
         assert all(n < 100 for _, n in got)  # 576 placeholders became the kept count
 
 
+#: Every registered method that prunes before the LLM only (the registry decides, so a new one joins here).
+VISION_METHODS = [name for name in vd.available_methods() if vd.method_class(name).info.stages == "vision"]
+
+
+def test_every_pre_llm_method_is_covered():
+    """The issue's list is a subset of what the registry calls vision-only (a method that moved would drop out)."""
+    assert {"visionzip", "divprune", "random", "pooling"} <= set(VISION_METHODS)
+
+
+@pytest.mark.parametrize("name", VISION_METHODS)
+def test_pre_llm_method_equals_hf_path(samples, hf, name):
+    """Each pre-LLM method at budget 64 runs inside vLLM: vLLM's prompt token counts are the count the HF path's
+    report gives (and the schedule's), and its greedy ids equal the HF path's with the same settings."""
+    method = vd.build(name, budget=64, positions="compact")
+    llm = _engine(str(DEFAULT_MODEL_PATH), hf_overrides=hf_overrides(method))
+    try:
+        got = _run_vllm(llm, samples)
+    finally:
+        _close(llm)
+    want = _run_hf(hf, samples, method)
+    kept = method.schedule(IMAGE_TOKENS, hf[0].config.text_config.num_hidden_layers).vision.tokens
+    assert kept < IMAGE_TOKENS
+    # text tokens + the schedule's count, which the HF path's report must give too (its n is text + reported count)
+    expected = [_text_tokens(hf, sample) + kept for sample in samples]
+    assert [n for _, n in want] == expected
+    assert [n for _, n in got] == expected
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+
+
+def _text_tokens(hf, sample) -> int:
+    """Prompt tokens of ``sample`` other than the image's placeholders (unpruned prompt minus 576)."""
+    _, processor = hf
+    inputs = processor(images=[sample.image], text=[build_prompt(sample.question)], return_tensors="pt")
+    return inputs["input_ids"].shape[1] - IMAGE_TOKENS
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
