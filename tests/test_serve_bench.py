@@ -24,6 +24,7 @@ def test_percentile_is_numpys_linear(q):
     [
         ({"method": vd.build("fastv", budget=64)}, "method='fastv'"),
         ({"method": vd.build("visiondrop", budget=64)}, "boundaries=None"),
+        ({"method": vd.build("vscan", budget=64)}, "method='vscan'"),
         ({"method": vd.build("visionzip", budget=64), "n": 0}, "n=0"),
         ({"method": vd.build("visionzip", budget=64), "concurrency": (4, 0)}, "concurrency=(4, 0)"),
         ({"method": vd.build("visionzip", budget=64), "model": "/nonexistent"}, "model='/nonexistent'"),

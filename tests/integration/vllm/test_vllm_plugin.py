@@ -216,6 +216,7 @@ def test_bad_settings_fail_at_engine_start(settings, named):
     [
         (vd.build("pyramiddrop", budget=64), "method='pyramiddrop'"),
         (vd.build("visiondrop", budget=64, boundaries=(4,)), "boundaries=(4,)"),
+        (vd.build("vscan", budget=64), "method='vscan'"),
     ],
 )
 def test_hf_overrides_refuses_in_llm_settings(method, named):
