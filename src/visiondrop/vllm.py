@@ -51,14 +51,19 @@ def check_vision_only(method: PruningMethod, num_layers: int | None = None) -> N
         )
     layer = method.first_boundary(num_layers or _ANY_DEPTH)
     if layer is not None:
-        where = ", ".join(
-            f"{field}={getattr(method, field)!r}"
-            for field in ("boundaries", "stages")
-            if hasattr(method, field)
-        )
+        if hasattr(method, "boundaries"):  # VisionDrop: its in-LLM stages can be switched off
+            where = ", ".join(
+                f"{field}={getattr(method, field)!r}"
+                for field in ("boundaries", "stages")
+                if hasattr(method, field)
+            )
+            hint = "pass boundaries=() for the vision stage alone"
+        else:  # a method whose LLM stage is part of it (vscan)
+            where = f"method={method.name!r}"
+            hint = "use a vision-stage method or visiondrop with boundaries=()"
+        after = f" (after layer {layer})" if num_layers is not None else ""
         raise ValueError(
-            f"{method.name} with {where} prunes inside the LLM (after layer {layer}), which vLLM cannot run; "
-            "pass boundaries=() for the vision stage alone"
+            f"{method.name} with {where} prunes inside the LLM{after}, which vLLM cannot run; {hint}"
         )
 
 

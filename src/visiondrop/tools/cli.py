@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import plot  # `visiondrop plot`
 
     plot.add_parser(sub)
+    from . import serve_bench  # `visiondrop serve-bench` (vLLM is imported only when the command runs)
+
+    serve_bench.add_parser(sub)
     return parser
 
 

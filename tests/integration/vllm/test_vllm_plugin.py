@@ -5,9 +5,19 @@ Needs ``.venv-vllm`` (``bash scripts/setup.sh vllm``); skipped where vLLM is not
 
 from __future__ import annotations
 
+import base64
 import gc
+import io
+import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +65,22 @@ def _run_vllm(llm, samples) -> list[tuple[list[int], int]]:
 def _close(llm) -> None:
     del llm
     gc.collect()
+
+
+# In-process plugin results per method settings, so that the `vllm serve` test compares with the same run.
+_PLUGIN_RESULTS: dict[str, list[tuple[list[int], int]]] = {}
+
+
+def _plugin_results(method, samples) -> list[tuple[list[int], int]]:
+    """(greedy ids, prompt token count) per sample from an in-process ``LLM`` with the plugin running ``method``."""
+    key = json.dumps(hf_overrides(method), sort_keys=True)
+    if key not in _PLUGIN_RESULTS:
+        llm = _engine(str(DEFAULT_MODEL_PATH), hf_overrides=hf_overrides(method))
+        try:
+            _PLUGIN_RESULTS[key] = _run_vllm(llm, samples)
+        finally:
+            _close(llm)
+    return _PLUGIN_RESULTS[key]
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +145,48 @@ def test_stock_vllm_equals_transformers(tmp_path_factory, samples, hf):
 )
 def test_plugin_equals_hf_path(samples, hf, method):
     """The plugin's greedy ids and prompt token counts equal the HF path's with the same settings."""
+    got = _plugin_results(method, samples)
+    want = _run_hf(hf, samples, method)
+    assert [n for _, n in got] == [n for _, n in want]
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    if method.budget < IMAGE_TOKENS:
+        assert all(n < 100 for _, n in got)  # 576 placeholders became the kept count
+
+
+#: Every registered method that prunes before the LLM only (the registry decides, so a new one joins here).
+VISION_METHODS = [name for name in vd.available_methods() if vd.method_class(name).info.stages == "vision"]
+
+
+def test_every_pre_llm_method_is_covered():
+    """The issue's list is a subset of what the registry calls vision-only (a method that moved would drop out)."""
+    assert {"visionzip", "divprune", "random", "pooling"} <= set(VISION_METHODS)
+
+
+@pytest.mark.parametrize("name", VISION_METHODS)
+def test_pre_llm_method_equals_hf_path(samples, hf, name):
+    """Each pre-LLM method at budget 64 runs inside vLLM: vLLM's prompt token counts are the count the HF path's
+    report gives (and the schedule's), and its greedy ids equal the HF path's with the same settings."""
+    method = vd.build(name, budget=64, positions="compact")
     llm = _engine(str(DEFAULT_MODEL_PATH), hf_overrides=hf_overrides(method))
     try:
         got = _run_vllm(llm, samples)
     finally:
         _close(llm)
     want = _run_hf(hf, samples, method)
-    assert [n for _, n in got] == [n for _, n in want]
+    kept = method.schedule(IMAGE_TOKENS, hf[0].config.text_config.num_hidden_layers).vision.tokens
+    assert kept < IMAGE_TOKENS
+    # text tokens + the schedule's count, which the HF path's report must give too (its n is text + reported count)
+    expected = [_text_tokens(hf, sample) + kept for sample in samples]
+    assert [n for _, n in want] == expected
+    assert [n for _, n in got] == expected
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
-    if method.budget < IMAGE_TOKENS:
-        assert all(n < 100 for _, n in got)  # 576 placeholders became the kept count
+
+
+def _text_tokens(hf, sample) -> int:
+    """Prompt tokens of ``sample`` other than the image's placeholders (unpruned prompt minus 576)."""
+    _, processor = hf
+    inputs = processor(images=[sample.image], text=[build_prompt(sample.question)], return_tensors="pt")
+    return inputs["input_ids"].shape[1] - IMAGE_TOKENS
 
 
 @pytest.mark.parametrize(
@@ -158,8 +216,129 @@ def test_bad_settings_fail_at_engine_start(settings, named):
     [
         (vd.build("pyramiddrop", budget=64), "method='pyramiddrop'"),
         (vd.build("visiondrop", budget=64, boundaries=(4,)), "boundaries=(4,)"),
+        (vd.build("vscan", budget=64), "method='vscan'"),
     ],
 )
 def test_hf_overrides_refuses_in_llm_settings(method, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
         hf_overrides(method)
+
+
+SERVED = vd.build("visiondrop", budget=64, boundaries=(), positions="compact")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``vllm serve`` (the real CLI, vLLM's default processes) on the shipped model with the plugin's settings as the
+    README shows them; yields the server's base URL."""
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("vllm")),
+        "serve",
+        str(DEFAULT_MODEL_PATH),
+        "--hf-overrides",
+        json.dumps(hf_overrides(SERVED)),
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--limit-mm-per-prompt",
+        '{"image": 1}',
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", None
+    )  # the server as users run it: API server, engine core, worker
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vllm serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not up after 600 s:\n{log.read_text()[-3000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the engine processes it started
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _chat(url: str, sample) -> dict:
+    """One OpenAI chat completion for ``sample``: the image as a PNG data URL (lossless), greedy, 2 tokens."""
+    buffer = io.BytesIO()
+    sample.image.save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {
+        "model": str(DEFAULT_MODEL_PATH),
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": sample.question},
+                ],
+            }
+        ],
+        "temperature": 0,
+        "max_tokens": NEW_TOKENS,
+        # The shipped chat template writes no <s>; the processor (and so the HF path) adds it.
+        "add_special_tokens": True,
+        "return_token_ids": True,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.load(reply)
+
+
+def test_vllm_serve_equals_in_process(served, samples, hf):
+    """`vllm serve --hf-overrides '<json>'` answers OpenAI chat requests with images exactly as the in-process
+    ``LLM`` with the same settings does: same prompt token counts (the kept count, not 576), same greedy ids, and
+    the chat template renders the prompt the HF path uses."""
+    from visiondrop.testbed import first_word
+
+    replies = [_chat(served, sample) for sample in samples]
+    want = _plugin_results(SERVED, samples)
+    _, processor = hf
+    prompts = [build_prompt(sample.question) for sample in samples]
+    assert [r["usage"]["prompt_tokens"] for r in replies] == [n for _, n in want]
+    assert [r["choices"][0]["token_ids"] for r in replies] == [ids for ids, _ in want]
+    assert [len(r["prompt_token_ids"]) for r in replies] == [n for _, n in want]
+    # the served prompt is the HF prompt with its 576 placeholders cut to the kept count
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for reply, prompt in zip(replies, prompts, strict=True):
+        ids = processor.tokenizer(prompt)["input_ids"]
+        served_text = [t for t in reply["prompt_token_ids"] if t != image_id]
+        assert served_text == [t for t in ids if t != image_id]
+    texts = [processor.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in want]
+    assert [first_word(r["choices"][0]["message"]["content"]) for r in replies] == [
+        first_word(t) for t in texts
+    ]

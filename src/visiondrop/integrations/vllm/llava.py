@@ -124,6 +124,21 @@ class VisionDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         project = self.multi_modal_projector
         if self.stage.tokens == self.num_patches:
             return project(features[:, 1:])  # what stock LLaVA computes
+        # One image at a time: vLLM batches whichever images its scheduler picked, and a method's picks for an image
+        # must not depend on its batch neighbours (``random`` draws one permutation per image of a call, in order),
+        # so each image gets what the HF path gives it alone.
+        return torch.cat(
+            [
+                self._select_one(features[i : i + 1], hidden[i : i + 1], scoring)
+                for i in range(features.shape[0])
+            ]
+        )
+
+    def _select_one(
+        self, features: torch.Tensor, hidden: torch.Tensor, scoring: torch.nn.Module
+    ) -> torch.Tensor:
+        """The vision stage on one image: ``features`` / ``hidden`` ``(1, 1 + P, Dv)`` → ``(1, kept, D)``."""
+        project = self.multi_modal_projector
         tokens = _FusedQkvClipTokens(
             features, hidden, scoring, has_cls=True, grids=(self.grid,), project=project
         )
