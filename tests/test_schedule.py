@@ -137,5 +137,7 @@ def test_one_boundary_rule_for_every_in_llm_method(name, field, bad, error, need
     ],
 )
 def test_one_depth_rule_for_every_in_llm_method(name, settings, shown):
-    with pytest.raises(ValueError, match=rf"{name}: {re.escape(shown)} is outside 1\.\.7 for an LLM of 8 layers"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: {re.escape(shown)} is outside 1\.\.7 for an LLM of 8 layers"
+    ):
         vd.build(name, budget=0.5, **settings).schedule(64, 8)
