@@ -4,9 +4,7 @@
 #   bash scripts/setup.sh          .venv: the library, its tools and its test tools (the README's commands)
 #   bash scripts/setup.sh NAME     .venv-NAME: an integration's environment, made by scripts/setup_NAME.sh
 #
-# torch comes first and pinned: `torch==2.13.0` is the CPU wheel on this machine's disk; a looser requirement could
-# pull a multi-GB CUDA build. On a GPU machine, install the torch build you want into the environment first and these
-# scripts keep it (any torch>=2.4 satisfies the package).
+# Every environment starts from scripts/_venv.sh: torch 2.13.0 (the CPU wheel on disk) first, kept by what follows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name="${1:-}"
@@ -18,8 +16,6 @@ if [ -n "$name" ]; then
     fi
     exec bash "$script"
 fi
-python3 -m venv .venv
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/pip install --quiet torch==2.13.0
-fi
-.venv/bin/pip install --quiet -e ".[dev]"
+source scripts/_venv.sh
+new_venv .venv
+$py -m pip install --quiet -e ".[dev]"

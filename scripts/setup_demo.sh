@@ -9,11 +9,9 @@
 # drive Debian's `chromium` through `executable_path`: it is installed with apt when it is missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv-demo
-if ! .venv-demo/bin/python -c "import torch" 2>/dev/null; then
-    .venv-demo/bin/pip install --quiet torch==2.13.0
-fi
-.venv-demo/bin/pip install --quiet -e ".[demo,dev]" "playwright==1.65.2"
+source scripts/_venv.sh
+new_venv .venv-demo
+$py -m pip install --quiet -e ".[demo,dev]" "playwright==1.65.2"
 if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive

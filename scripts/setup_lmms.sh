@@ -21,19 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
-python3 -m venv .venv-lmms
-py=.venv-lmms/bin/python
-if ! $py -c "import torch" 2>/dev/null; then
-    $py -m pip install --quiet torch==2.13.0
-fi
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-# (stderr dropped: torch warns that numpy is not installed yet)
-torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
-{
-    echo "torch==${torch_version}"
-    echo "filelock<4"
-} >"$constraints"
+source scripts/_venv.sh
+new_venv .venv-lmms
+torch_constraints "filelock<4"
 $py -m pip install --quiet -c "$constraints" -e ".[lmms,dev]" decord
 if $py -m pip show --quiet torchvision 2>/dev/null && ! $py -c "import torchvision" 2>/dev/null; then
     echo "setup_lmms.sh: removing torchvision (it does not import beside this torch; transformers then uses PIL)"

@@ -26,16 +26,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
-python3 -m venv .venv-vllm
-py=.venv-vllm/bin/python
-if ! $py -c "import torch" 2>/dev/null; then
-    $py -m pip install --quiet torch==2.13.0
-fi
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-# (stderr dropped: torch warns that numpy is not installed yet)
-torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
-echo "torch==${torch_version}" >"$constraints"
+source scripts/_venv.sh
+new_venv .venv-vllm
+torch_constraints
 $py -m pip install --quiet -c "$constraints" -e ".[vllm,dev]"
 for broken in torchcodec torchaudio; do
     if $py -m pip show --quiet "$broken" 2>/dev/null; then
