@@ -368,6 +368,18 @@ def test_flops_command_costs_internvl3_8b(capsys):
     out = capsys.readouterr().out
     assert "1280 visual tokens for a 672x672 image (2x2 tiles + thumbnail: 5 ViT passes of 1025 tokens" in out
     assert "pixel shuffle 2x2: 1024 ViT patches -> 256 LLM tokens per tile" in out
+    # the README's InternVL3-8B row
+    assert (
+        cli.main(["flops", "--model", "internvl3-8b", "--method", "visiondrop", "--budget", "64", "--json"])
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"] == [97, 71, 52, 36] and data["vision_tokens"] == [1025] * 5
+    assert (round(data["unpruned_tflops"], 2), round(data["tflops"], 2), data["kv_ratio"]) == (
+        23.41,
+        5.47,
+        10.5,
+    )
 
 
 def test_bench_builds_the_family(tmp_path: Path):
