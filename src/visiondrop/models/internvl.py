@@ -35,6 +35,9 @@ The policy visiondrop applies:
 - **images**: one placeholder run is one image (the processor frames each with ``<img>``/``</img>``); its tile
   count is the run's length / 256, and the runs must account for every tile of ``pixel_values``. Video frames,
   which the processor also sends as ``pixel_values`` (one tile each, one run each), are pruned as one-tile images.
+  Features the caller encodes and passes as ``mm_encoder_outputs`` (transformers' ``(tiles, 256, D)`` tensor) skip
+  the vision stage; in-LLM stages then see each tile as one image (its own budget), since nothing in that tensor
+  says which tiles form an image.
 """
 
 from __future__ import annotations
