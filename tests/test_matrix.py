@@ -93,6 +93,16 @@ def _qwen3():
     return model, batch
 
 
+def _internvl():
+    from visiondrop.testing import internvl_inputs, tiny_internvl
+
+    model = tiny_internvl()
+    # tiles per image: 3 x 1 + thumbnail, 2 x 1 + thumbnail, 2 x 2 + thumbnail (16 LLM tokens per tile)
+    batch = internvl_inputs([[1, 5, "image", 7, 8], [1, 5, 6, "image", 3, "image", 9], [1, 4, 4]], [4, 3, 5])
+    _warm(model, batch, lambda: model.model.vision_tower(batch["pixel_values"], output_hidden_states=True))
+    return model, batch
+
+
 #: family -> (builder, the README table's column)
 FAMILIES = {
     "llava-1.5": (_llava, "LLaVA-1.5"),
@@ -101,6 +111,7 @@ FAMILIES = {
     "qwen2-vl": (lambda: _qwen("2"), "Qwen2-VL / 2.5-VL"),
     "qwen2.5-vl": (lambda: _qwen("2.5"), "Qwen2-VL / 2.5-VL"),
     "qwen3-vl": (_qwen3, "Qwen3-VL"),
+    "internvl": (_internvl, "InternVL"),
 }
 
 

@@ -114,6 +114,7 @@ SHIPPED_CONFIGS: tuple[str, ...] = (
     "llava-next-7b",
     "qwen2-vl-7b",
     "qwen3-vl-8b",
+    "internvl3-8b",
 )
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -125,6 +126,7 @@ _HUB_ALIASES: dict[str, str] = {
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
     "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
+    "OpenGVLab/InternVL3-8B-hf": "internvl3-8b",
 }
 
 #: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928

@@ -13,12 +13,16 @@ __all__ = [
     "BOS",
     "EOS",
     "IMAGE_TOKEN",
+    "INTERNVL_TILE",
     "PAD",
     "QWEN_VIDEO",
     "QWEN_VISION_END",
     "QWEN_VISION_START",
+    "internvl_inputs",
     "llava_next_placeholders",
     "qwen_inputs",
+    "tiny_internvl",
+    "tiny_internvl_config",
     "tiny_llava",
     "tiny_llava_config",
     "tiny_llava_next",
@@ -335,3 +339,83 @@ def qwen3_vl_inputs(
     gen = torch.Generator().manual_seed(seed)
     batch["pixel_values"] = torch.randn(batch["pixel_values"].shape[0], 3 * 2 * 16 * 16, generator=gen)
     return batch
+
+
+#: Tile side of the tiny InternVL (8 x 8 patches of 14 px; pixel shuffle 0.5 -> 4 x 4 = 16 LLM tokens per tile).
+INTERNVL_TILE = 112
+
+
+def tiny_internvl_config(*, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3):
+    """An InternVL-shaped config: 112 px tiles of 8 x 8 patches through a 2-layer InternViT of width 32 ([CLS],
+    layer scale, mean pooling), pixel shuffle 0.5 (16 LLM tokens per tile), an 8-layer Qwen2 LLM of width 64."""
+    from transformers import InternVLConfig
+
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attention_bias=True,
+        image_size=INTERNVL_TILE,
+        patch_size=14,
+        initializer_range=init,
+        layer_scale_init_value=1.0,  # visible residual branches (InternViT-300M's published value is 0.1)
+    )
+    text = dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=100,
+        max_position_embeddings=4096,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=init,
+    )
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=16
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_internvl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.InternVLForConditionalGeneration` from :func:`tiny_internvl_config`."""
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(tiny_internvl_config(**config_kwargs)).eval().to(dtype)
+    with torch.no_grad():  # visible [CLS] and position embeddings (zeros-initialised by transformers)
+        embeddings = model.model.vision_tower.embeddings
+        embeddings.cls_token.normal_(0, 0.3)
+        if embeddings.position_embeddings is not None:
+            embeddings.position_embeddings.normal_(0, 0.3)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def internvl_inputs(rows: list[list], tiles: list[int], *, seed: int = 1, side: str = "left") -> dict:
+    """A padded InternVL batch. ``rows`` mix token ids and the marker ``"image"``, which expands to the next image's
+    ``16 * tiles`` placeholders (framed by text ids 3 and 4, as ``<img>``/``</img>`` frame them); ``pixel_values``
+    holds every image's tiles in order, ``(sum(tiles), 3, 112, 112)``."""
+    per_tile = (INTERNVL_TILE // 14 // 2) ** 2
+    expanded = []
+    tile_iter = iter(tiles)
+    for row in rows:
+        ids = []
+        for item in row:
+            ids += [3, *[IMAGE_TOKEN] * (per_tile * next(tile_iter)), 4] if item == "image" else [item]
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(tiles), 3, INTERNVL_TILE, INTERNVL_TILE, generator=gen)
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels}

@@ -378,7 +378,7 @@ def one_boundary_count(method: PruningMethod, image_tokens: int, num_layers: int
 def refuse_without_cls(method: str, family: str | None = None) -> None:
     """The one refusal of a [CLS]-ranked method on a vision encoder without [CLS] (ValueError)."""
     encoder = f"{family}'s vision encoder" if family else "this vision encoder"
-    raise ValueError(f"{method} ranks patches by [CLS] attention and {encoder} has no [CLS]")
+    raise ValueError(f"{method} ranks patches by [CLS] attention and {encoder} has no usable [CLS]")
 
 
 class OneBoundaryMethod(PruningMethod):

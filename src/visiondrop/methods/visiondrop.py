@@ -152,7 +152,7 @@ class VisionDrop(PruningMethod):
         super().check_model(adapter)
         if self.score == "cls" and not adapter.has_cls:
             raise ValueError(
-                f"score='cls' needs a vision encoder with [CLS] and {adapter.family}'s has none; use 'visual' or 'auto'"
+                f"score='cls' needs a vision encoder with [CLS] and {adapter.family}'s has no usable one; use 'visual' or 'auto'"
             )
 
     def select_vision(self, tokens: VisionTokens, stage: Stage) -> ops.Selection:
