@@ -88,6 +88,7 @@ def attach(method: PruningMethod, model: torch.nn.Module, *, profile: bool = Fal
         raise RuntimeError(
             f"{type(model).__name__} already has a pruning method applied; exit that block first"
         )
+    adapter.pool = method.pool  # how the adapter splits videos into pruning units
     session = Session(method, model, adapter, profile=profile)
     session.install()
     _ACTIVE.add(model)
@@ -373,9 +374,10 @@ class Session:
 
     # --- schedules ------------------------------------------------------------------------------------------
     def schedule(self, info: ImageInfo) -> Schedule:
-        key = (info.tokens, info.grids)
+        key = (info.tokens, info.grids, len(info.frames))
         if key not in self._schedules:
-            schedule = self.method.schedule(info.tokens, self.text.num_layers, info.grids or None)
+            method = self.method.for_unit(info)  # a whole video (pool="video"): budget x frames
+            schedule = method.schedule(info.tokens, self.text.num_layers, info.grids or None)
             self.adapter.check_schedule(schedule)
             self._schedules[key] = schedule
         return self._schedules[key]
@@ -398,7 +400,7 @@ class Session:
             raise ValueError(
                 f"attention_mask of shape {tuple(mask.shape)}: visiondrop needs a 2-D padding mask"
             )
-        has_images = kwargs.get("pixel_values") is not None
+        has_images = self.adapter.has_visual(kwargs)
         if has_images and kwargs.get("input_ids") is None:
             raise ValueError(
                 "inputs_embeds with images: visiondrop needs input_ids to find the <image> placeholders"
@@ -432,10 +434,10 @@ class Session:
         adapter = self.adapter
         input_ids = kwargs["input_ids"]
         infos = adapter.image_infos(kwargs)
-        spans = find_image_spans(input_ids, adapter.image_token_id, [i.tokens for i in infos])
+        spans = find_image_spans(input_ids, adapter.placeholder_ids(infos), [i.tokens for i in infos])
         device = input_ids.device
         for info in infos:
-            self.method.check_image_tokens(info.tokens)
+            self.method.for_unit(info)  # raises when the budget does not fit the image (or a video's frame)
         stages = [self.schedule(info).vision for info in infos]
         rows = [b for b, row in enumerate(spans) for _ in row]
         batch = input_ids.shape[0]
@@ -546,7 +548,7 @@ class Session:
         caller_ids = kwargs.get("input_ids")
         cache = cache_of(kwargs)
         record = self.records.get(cache) if cache is not None else None
-        has_images = kwargs.get("pixel_values") is not None
+        has_images = self.adapter.has_visual(kwargs)
         vision = None
         if record is not None:
             if has_images:
@@ -625,7 +627,7 @@ class Session:
         self._check_forward_kwargs(kwargs)
         cache = cache_of(kwargs)
         record = self.records.get(cache) if cache is not None else None
-        has_images = kwargs.get("pixel_values") is not None
+        has_images = self.adapter.has_visual(kwargs)
         vision: _Vision | None = None
         if has_images:
             if record is not None or (cache is not None and cache.get_seq_length() > 0):
@@ -634,9 +636,8 @@ class Session:
                     "in one prefill"
                 )
             vision = self.vision_stage(kwargs, generate=False)
-        elif (
-            kwargs.get("mm_encoder_outputs") is not None
-            and kwargs["mm_encoder_outputs"].get("image") is not None
+        elif kwargs.get("mm_encoder_outputs") is not None and any(
+            v is not None for v in kwargs["mm_encoder_outputs"].values()
         ):
             rows = _batch_size(kwargs)
             if self.pending is not None:
@@ -661,6 +662,11 @@ class Session:
         return (), kwargs
 
     def _encoded_by_caller(self, kwargs: dict) -> _Vision:
+        if kwargs["mm_encoder_outputs"].get("video") is not None:
+            raise ValueError(
+                "mm_encoder_outputs['video']: videos must come as pixel_values_videos, so that visiondrop splits "
+                "them into frames; video features encoded by the caller are not supported"
+            )
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
         infos = [ImageInfo(f.shape[0]) for f in feats]
         spans = find_image_spans(kwargs["input_ids"], self.adapter.image_token_id, [i.tokens for i in infos])
@@ -820,7 +826,9 @@ class _Prefill:
         self.vision = vision
         self.kwargs_mask = kwargs.get("attention_mask")
         self.cache = cache_of(kwargs)
-        self.spans = find_image_spans(kwargs["input_ids"], session.adapter.image_token_id, vision.counts)
+        self.spans = find_image_spans(
+            kwargs["input_ids"], session.adapter.placeholder_ids(vision.infos), vision.counts
+        )
         self.spans0 = self.spans
         self.image_rows = {s.image: b for b, row in enumerate(self.spans) for s in row}
         real = kwargs["attention_mask"].sum(1).tolist() if kwargs.get("attention_mask") is not None else None
@@ -999,6 +1007,8 @@ class _Prefill:
                     image_tokens=info.tokens,
                     stages=views,
                     num_layers=num_layers,
+                    video=info.video,
+                    frames=info.frames,
                 )
             )
         schedules = {info.tokens: session.schedule(info).describe() for info in self.vision.infos}
