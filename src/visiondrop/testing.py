@@ -229,11 +229,23 @@ def tiny_qwen2_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config
     return model
 
 
-def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left") -> dict:
-    """A padded Qwen batch. ``rows`` mix token ids and the marker ``"image"``, which expands to
-    ``<vision_start> <image>*n <vision_end>`` for the next grid ``(h, w)`` in patches (even numbers)."""
+def qwen_inputs(
+    rows: list[list],
+    grids: list[tuple[int, int]],
+    *,
+    seed: int = 1,
+    side: str = "left",
+    videos: list[tuple[int, int, int]] = (),
+    frame_text: int | None = None,
+    patch: int = 14,
+) -> dict:
+    """A padded Qwen batch. ``rows`` mix token ids and the markers ``"image"``, which expands to
+    ``<vision_start> <image>*n <vision_end>`` for the next grid ``(h, w)`` in patches (even numbers), and ``"video"``,
+    which expands to ``<vision_start> <video>*n <vision_end>`` for the next of ``videos`` ``(t, h, w)`` (temporal
+    patches, patches). With ``frame_text`` every temporal patch gets its own ``<vision_start> .. <vision_end>``
+    preceded by that token id (Qwen3-VL's processor puts a timestamp there). Pixels are random, ``patch`` px."""
     expanded, types = [], []
-    grid_iter = iter(grids)
+    grid_iter, video_iter = iter(grids), iter(videos)
     for row in rows:
         ids, kinds = [], []
         for item in row:
@@ -242,6 +254,16 @@ def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1
                 n = h * w // 4
                 ids += [QWEN_VISION_START, *[IMAGE_TOKEN] * n, QWEN_VISION_END]
                 kinds += [0, *[1] * n, 0]
+            elif item == "video":
+                t, h, w = next(video_iter)
+                n = h * w // 4
+                chunks = [n] * t if frame_text is not None else [n * t]
+                for chunk in chunks:
+                    if frame_text is not None:
+                        ids.append(frame_text)
+                        kinds.append(0)
+                    ids += [QWEN_VISION_START, *[QWEN_VIDEO] * chunk, QWEN_VISION_END]
+                    kinds += [0, *[2] * chunk, 0]
             else:
                 ids.append(item)
                 kinds.append(0)
@@ -257,14 +279,16 @@ def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1
         mask[i, cols] = 1
         mm_types[i, cols] = torch.tensor(kinds)
     gen = torch.Generator().manual_seed(seed)
-    patches = sum(h * w for h, w in grids)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": mm_types,
-        "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=gen),
-        "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
-    }
+    batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm_types}
+    if grids:
+        patches = sum(h * w for h, w in grids)
+        batch["pixel_values"] = torch.randn(patches, 3 * 2 * patch * patch, generator=gen)
+        batch["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in grids])
+    if videos:
+        patches = sum(t * h * w for t, h, w in videos)
+        batch["pixel_values_videos"] = torch.randn(patches, 3 * 2 * patch * patch, generator=gen)
+        batch["video_grid_thw"] = torch.tensor([list(v) for v in videos])
+    return batch
 
 
 def tiny_qwen3_vl_config(*, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3):
@@ -328,10 +352,7 @@ def tiny_qwen3_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config
 
 
 def qwen3_vl_inputs(
-    rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left"
+    rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left", **video_kwargs
 ) -> dict:
     """:func:`qwen_inputs` with Qwen3-VL's 16-px patches (pixel rows of 3 x 2 x 16 x 16 values)."""
-    batch = qwen_inputs(rows, grids, seed=seed, side=side)
-    gen = torch.Generator().manual_seed(seed)
-    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape[0], 3 * 2 * 16 * 16, generator=gen)
-    return batch
+    return qwen_inputs(rows, grids, seed=seed, side=side, patch=16, **video_kwargs)
