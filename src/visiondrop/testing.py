@@ -17,6 +17,7 @@ __all__ = [
     "QWEN_VIDEO",
     "QWEN_VISION_END",
     "QWEN_VISION_START",
+    "VIDEO_TOKEN",
     "llava_next_placeholders",
     "qwen_inputs",
     "tiny_llava",
@@ -25,6 +26,9 @@ __all__ = [
     "tiny_llava_next_config",
     "tiny_qwen2_vl",
     "tiny_qwen2_vl_config",
+    "tiny_video_llava",
+    "tiny_video_llava_config",
+    "video_llava_inputs",
 ]
 
 #: Placeholder id of the tiny models (vocabulary of 100).
@@ -356,3 +360,74 @@ def qwen3_vl_inputs(
 ) -> dict:
     """:func:`qwen_inputs` with Qwen3-VL's 16-px patches (pixel rows of 3 x 2 x 16 x 16 values)."""
     return qwen_inputs(rows, grids, seed=seed, side=side, patch=16, **video_kwargs)
+
+
+#: Video placeholder id of the tiny Video-LLaVA (its image placeholder is :data:`IMAGE_TOKEN`).
+VIDEO_TOKEN = 98
+
+
+def tiny_video_llava_config(
+    *, image_size: int = 56, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3
+):
+    """A Video-LLaVA-shaped config: two CLIP towers with [CLS] (patch 14: 4 x 4 patches at 56 px, 16 image tokens,
+    17 per video frame), a Llama LLM with GQA, ``vision_feature_layer=-2``, ``"default"`` strategy."""
+    from transformers import VideoLlavaConfig
+
+    base = tiny_llava_config(image_size=image_size, layers=layers, kv_heads=kv_heads, attn=attn, init=init)
+    side = image_size // 14
+    config = VideoLlavaConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_seq_length=side * side,
+        video_seq_length=8 * (side * side + 1),
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_video_llava(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.VideoLlavaForConditionalGeneration` from :func:`tiny_video_llava_config`."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(**config_kwargs)).eval().to(dtype)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def video_llava_inputs(
+    rows: list[list], *, frames: int = 8, image_size: int = 56, seed: int = 1, side: str = "left"
+) -> dict:
+    """A padded Video-LLaVA batch. ``rows`` mix token ids and the markers ``"image"`` (``(S/14)^2`` image
+    placeholders) and ``"video"`` (``frames x ((S/14)^2 + 1)`` video placeholders: every frame keeps its [CLS])."""
+    patches = (image_size // 14) ** 2
+    expanded = []
+    images = videos = 0
+    for row in rows:
+        ids = []
+        for item in row:
+            if item == "image":
+                ids += [IMAGE_TOKEN] * patches
+                images += 1
+            elif item == "video":
+                ids += [VIDEO_TOKEN] * (frames * (patches + 1))
+                videos += 1
+            else:
+                ids.append(item)
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if images:
+        batch["pixel_values"] = torch.randn(images, 3, image_size, image_size, generator=gen)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(videos, frames, 3, image_size, image_size, generator=gen)
+    return batch

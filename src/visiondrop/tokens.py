@@ -47,6 +47,9 @@ class ImageInfo:
         For a unit of a video, the frames of that video it covers, in order (Qwen-VL: temporal patches of two frames;
         Video-LLaVA: frames). With ``pool="frame"`` a unit is one frame, with ``pool="video"`` the whole video; its
         ``grids`` then hold one grid per frame.
+    cls : bool
+        Whether each grid's placeholders start with one for its [CLS] token (Video-LLaVA's video frames give the LLM
+        their [CLS] too); False where [CLS] is dropped before the LLM or there is none.
     """
 
     tokens: int
@@ -55,6 +58,7 @@ class ImageInfo:
     newlines: tuple[bool, ...] = ()
     video: int | None = None
     frames: tuple[int, ...] = ()
+    cls: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -67,6 +71,8 @@ class ImageInfo:
         for (rows, cols), newline in zip(
             self.grids, self.newlines or (False,) * len(self.grids), strict=True
         ):
+            if self.cls:
+                out.append(-1)
             for _ in range(rows):
                 out += range(patch, patch + cols)
                 patch += cols

@@ -305,10 +305,13 @@ class PruningMethod(metaclass=_CheckedFields):
         if info.video is None or frames <= 1:
             self.check_image_tokens(info.tokens)
             return self
+        per_frame = info.tokens // frames
         try:  # an int budget is tokens per frame: it must fit one frame
-            self.check_image_tokens(info.tokens // frames)
-        except ValueError as err:
-            raise ValueError(f"{err} (per frame of video {info.video})") from None
+            self.check_image_tokens(per_frame)
+        except ValueError:
+            raise ValueError(
+                f"budget={self.budget} is more than the {per_frame} visual tokens per frame of video {info.video}"
+            ) from None
         if isinstance(self.budget, float):
             return self
         return dataclasses.replace(self, budget=self.budget * frames)
