@@ -19,11 +19,14 @@ __all__ = [
     "QWEN_VISION_START",
     "VIDEO_TOKEN",
     "llava_next_placeholders",
+    "llava_next_video_inputs",
     "qwen_inputs",
     "tiny_llava",
     "tiny_llava_config",
     "tiny_llava_next",
     "tiny_llava_next_config",
+    "tiny_llava_next_video",
+    "tiny_llava_next_video_config",
     "tiny_qwen2_vl",
     "tiny_qwen2_vl_config",
     "tiny_video_llava",
@@ -430,4 +433,81 @@ def video_llava_inputs(
         batch["pixel_values"] = torch.randn(images, 3, image_size, image_size, generator=gen)
     if videos:
         batch["pixel_values_videos"] = torch.randn(videos, frames, 3, image_size, image_size, generator=gen)
+    return batch
+
+
+def tiny_llava_next_video_config(
+    *, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3
+):
+    """A LLaVA-NeXT-Video-shaped config: :func:`tiny_llava_next_config`'s tower, pinpoints and Llama LLM, and videos
+    pooled 2 x 2 (``spatial_pool_stride=2``, average): 4 x 4 patches per 56 px frame -> 4 video tokens per frame."""
+    from transformers import LlavaNextVideoConfig
+
+    base = tiny_llava_next_config(layers=layers, kv_heads=kv_heads, attn=attn, init=init)
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=base.image_grid_pinpoints,
+        spatial_pool_stride=2,
+        spatial_pool_mode="average",
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_llava_next_video(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.LlavaNextVideoForConditionalGeneration`."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = (
+        LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config(**config_kwargs)).eval().to(dtype)
+    )
+    with torch.no_grad():  # a visible newline embedding, as tiny_llava_next
+        model.model.image_newline.normal_(0, 0.3)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def llava_next_video_inputs(
+    model,
+    rows: list[list],
+    sizes: list[tuple[int, int]],
+    *,
+    frames: int = 4,
+    seed: int = 1,
+    side: str = "left",
+) -> dict:
+    """A padded LLaVA-NeXT-Video batch: ``"image"`` expands to the next of ``sizes`` (h, w) as LLaVA-NeXT counts it,
+    ``"video"`` to ``frames x 4`` video placeholders (56 px frames pooled 2 x 2)."""
+    images = iter(sizes)
+    expanded = []
+    videos = 0
+    for row in rows:
+        ids = []
+        for item in row:
+            if item == "image":
+                ids += [IMAGE_TOKEN] * llava_next_placeholders(model, next(images))
+            elif item == "video":
+                ids += [VIDEO_TOKEN] * (frames * 4)
+                videos += 1
+            else:
+                ids.append(item)
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if sizes:
+        batch["pixel_values"] = torch.randn(len(sizes), 5, 3, 56, 56, generator=gen)
+        batch["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(videos, frames, 3, 56, 56, generator=gen)
     return batch
