@@ -56,11 +56,25 @@ def _video_llava():
     return model, batch
 
 
+NEXT_SIZES = [(50, 100), (80, 80)]  # LLaVA-NeXT-Video's images (pixels): 52 and 88 placeholders
+
+
+def _llava_next_video():
+    from visiondrop.testing import llava_next_video_inputs, tiny_llava_next_video
+
+    model = tiny_llava_next_video()
+    batch = llava_next_video_inputs(model, ROWS, NEXT_SIZES, frames=FRAMES)
+    with torch.no_grad():
+        model(**batch, output_hidden_states=True)
+    return model, batch
+
+
 BUILDERS = {
     "qwen2-vl": lambda: _qwen("2"),
     "qwen2.5-vl": lambda: _qwen("2.5"),
     "qwen3-vl": lambda: _qwen("3"),
     "video-llava": _video_llava,
+    "llava-next-video": _llava_next_video,
 }
 _BUILT: dict = {}
 
@@ -76,6 +90,8 @@ def _videos(key: str) -> list[tuple[int, int, tuple[int, int]]]:
     """Per video of ``ROWS``: (frames, tokens per frame, grid per frame)."""
     if key == "video-llava":  # 4 x 4 patches and the frame's [CLS]
         return [(FRAMES, 17, (4, 4))] * 2
+    if key == "llava-next-video":  # 4 x 4 patches pooled 2 x 2
+        return [(FRAMES, 4, (2, 2))] * 2
     return [(t, h * w // 4, (h // 2, w // 2)) for t, h, w in VIDEOS]
 
 
@@ -101,6 +117,20 @@ def test_units_follow_the_placeholders(family):
     key, model, batch = family
     adapter = get_adapter(model)
     infos = adapter.image_infos(batch)
+    if key == "llava-next-video":  # images: LLaVA-NeXT's packing; video frames: 2 x 2 pooled windows
+        frames = [(v, (f,), 4) for v in (0, 1) for f in range(FRAMES)]
+        assert [(i.video, i.frames, i.tokens) for i in infos] == [
+            *frames[:FRAMES],
+            (None, (), 52),
+            (None, (), 88),
+            *frames[FRAMES:],
+        ]
+        adapter.pool = "video"
+        assert [(i.video, i.frames, i.tokens, i.grids) for i in adapter.image_infos(batch)][::3] == [
+            (0, tuple(range(FRAMES)), 4 * FRAMES, ((2, 2),) * FRAMES),
+            (1, tuple(range(FRAMES)), 4 * FRAMES, ((2, 2),) * FRAMES),
+        ]
+        return
     if key == "video-llava":  # images: 16 patches, [CLS] dropped; video frames: [CLS] + 16 patches
         frames = [(v, (f,), 17) for v in (0, 1) for f in range(FRAMES)]
         assert [(i.video, i.frames, i.tokens) for i in infos] == [
@@ -192,7 +222,7 @@ def test_visiondrop_cached_equals_full_and_counts(family, budget):
                 assert v["counts"] == method.for_unit(info).schedule(info.tokens, LAYERS, info.grids).counts()
 
 
-@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava"])
+@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video"])
 @pytest.mark.parametrize("pool", ["frame", "video"])
 def test_int_budget_is_tokens_per_frame(key, pool):
     model, batch = _built(key)
@@ -312,7 +342,7 @@ def test_refusals_are_one_line(family):
         vd.build("visiondrop", pool="clip")
 
 
-@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava"])
+@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video"])
 @pytest.mark.parametrize("pool", ["frame", "video"])
 @pytest.mark.parametrize("name", vd.available_methods())
 def test_every_method_runs_on_video_or_refuses(name, pool, key):
@@ -392,3 +422,25 @@ def test_video_llava_7b_config_and_flops_cost_8_frames():
     ]
     assert abs(frame.tflops - video.tflops) / frame.tflops < 0.01
     assert frame.unpruned_tflops == video.unpruned_tflops
+
+
+def test_llava_next_video_scores_the_pooled_windows_the_llm_sees():
+    """A LLaVA-NeXT-Video video token is one pooled 2 x 2 window: its score is the sum of its patches' [CLS]
+    attention in its own frame, its features the resampler's output for that window (what the model projects)."""
+    from visiondrop.compat import selected_hidden_states
+    from visiondrop.models.llava import ClipVisionTokens
+
+    model, batch = _built("llava-next-video")
+    adapter = get_adapter(model)
+    adapter.pool = "frame"
+    videos = next(t for _, t in adapter.encode(batch) if t.num_tokens == 4)  # the frame units: 2 x 2 windows
+    frames = batch["pixel_values_videos"].flatten(0, 1)
+    layer_input, hidden = selected_hidden_states(
+        model.model.vision_tower, frames, [adapter.feature_index - 1, adapter.feature_index]
+    )
+    alone = ClipVisionTokens(
+        hidden, layer_input, adapter.scoring_layer, has_cls=True, grids=((4, 4),), project=lambda x: x
+    )
+    patch = alone.cls_attention()[:, 1:].reshape(-1, 2, 2, 2, 2)  # (frames, window row, r, window col, c)
+    torch.testing.assert_close(videos.cls_attention(), patch.sum((2, 4)).flatten(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(videos.hidden, model.model.vision_resampler(hidden[:, 1:]))
