@@ -444,3 +444,21 @@ def test_llava_next_video_scores_the_pooled_windows_the_llm_sees():
     patch = alone.cls_attention()[:, 1:].reshape(-1, 2, 2, 2, 2)  # (frames, window row, r, window col, c)
     torch.testing.assert_close(videos.cls_attention(), patch.sum((2, 4)).flatten(1), rtol=1e-5, atol=1e-6)
     assert torch.equal(videos.hidden, model.model.vision_resampler(hidden[:, 1:]))
+
+
+def test_caller_encoded_video_features_are_refused_in_one_line():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, batch = _built("qwen2-vl")
+    text_only = {k: batch[k][1:2] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    features = {"video": BaseModelOutputWithPooling(pooler_output=[torch.zeros(4, 64)])}
+    before = model_state(model)
+    with (
+        vd.build("visiondrop", budget=2).apply(model),
+        pytest.raises(
+            ValueError, match=r"mm_encoder_outputs\['video'\]: videos must come as pixel_values_videos"
+        ) as err,
+    ):
+        model(**text_only, mm_encoder_outputs=features)
+    assert "\n" not in str(err.value)
+    assert model_state(model) == before
