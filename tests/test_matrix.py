@@ -103,6 +103,27 @@ def _internvl():
     return model, batch
 
 
+def _video_llava():
+    from visiondrop.testing import tiny_video_llava, video_llava_inputs
+
+    model = tiny_video_llava()
+    batch = video_llava_inputs([[BOS, 5, "image", 7, 8], [BOS, 5, 6, "image", 3, "image", 9], [BOS, 4, 4, 4]])
+    _warm(model, batch, lambda: model.model.video_tower(torch.randn(1, 3, 56, 56), output_hidden_states=True))
+    return model, batch
+
+
+def _next_video():
+    from conftest import next_batch
+    from visiondrop.testing import tiny_llava_next_video
+
+    model = tiny_llava_next_video()
+    batch = next_batch(model)
+    _warm(
+        model, batch, lambda: model.model.vision_tower(torch.randn(1, 3, 56, 56), output_hidden_states=True)
+    )
+    return model, batch
+
+
 #: family -> (builder, the README table's column)
 FAMILIES = {
     "llava-1.5": (_llava, "LLaVA-1.5"),
@@ -112,6 +133,11 @@ FAMILIES = {
     "qwen2.5-vl": (lambda: _qwen("2.5"), "Qwen2-VL / 2.5-VL"),
     "qwen3-vl": (_qwen3, "Qwen3-VL"),
     "internvl": (_internvl, "InternVL"),
+    "video-llava": (_video_llava, "Video-LLaVA"),  # images here; videos in tests/test_video.py
+    "llava-next-video": (
+        _next_video,
+        "LLaVA-NeXT",
+    ),  # its images are LLaVA-NeXT's; videos in tests/test_video.py
 }
 
 

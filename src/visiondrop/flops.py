@@ -115,6 +115,7 @@ SHIPPED_CONFIGS: tuple[str, ...] = (
     "qwen2-vl-7b",
     "qwen3-vl-8b",
     "internvl3-8b",
+    "video-llava-7b",
 )
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -127,6 +128,7 @@ _HUB_ALIASES: dict[str, str] = {
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
     "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
     "OpenGVLab/InternVL3-8B-hf": "internvl3-8b",
+    "LanguageBind/Video-LLaVA-7B-hf": "video-llava-7b",
 }
 
 #: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928
@@ -151,6 +153,9 @@ class ImageShape:
         Height and width in pixels the counts were computed for (``None``: the family resizes every image).
     description : str
         One line for the text output.
+    frames : int
+        Frames of a video (Video-LLaVA: 8; ``tokens``, ``vit_tokens`` and ``grids`` then cover all of them); 1 for
+        an image.
     """
 
     tokens: int
@@ -158,6 +163,7 @@ class ImageShape:
     grids: tuple[tuple[int, int], ...] | None
     size: tuple[int, int] | None
     description: str
+    frames: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +218,8 @@ class ArchSpec:
         LLaVA-NeXT with the 672×672 pinpoint; 1 image for Qwen2-VL).
     image_grid_pinpoints : tuple of (int, int)
         LLaVA-NeXT any-resolution grid, ``(height, width)`` pairs; empty for other families.
+    video_frames : int
+        Frames of one video for video families (Video-LLaVA: 8); 0 otherwise.
     name : str
         Free-form label (the shipped config name when loaded with :func:`load_arch`).
     """
@@ -239,6 +247,7 @@ class ArchSpec:
     projector_out: int
     max_crops: int = 1
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    video_frames: int = 0
     name: str = ""
 
     @property

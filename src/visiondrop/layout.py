@@ -29,7 +29,9 @@ class Span:
         return self.start + self.length
 
 
-def find_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: Sequence[int]) -> list[list[Span]]:
+def find_image_spans(
+    input_ids: torch.Tensor, image_token_id: int | Sequence[int], counts: Sequence[int]
+) -> list[list[Span]]:
     """Split the placeholder runs of ``input_ids`` into one span per image.
 
     Images fill placeholders in order over (batch, sequence), as the model's ``masked_scatter`` does; a run of adjacent
@@ -38,7 +40,8 @@ def find_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: Seque
     Parameters
     ----------
     input_ids : LongTensor, shape (B, T)
-    image_token_id : int
+    image_token_id : int or sequence of int
+        The placeholder id, or every placeholder id (images and videos: their units fill placeholders in order).
     counts : sequence of int
         Placeholder tokens of each image, in order.
 
@@ -51,7 +54,10 @@ def find_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: Seque
     ValueError
         When the placeholders do not match the images (one line naming both counts).
     """
-    is_image = (input_ids == image_token_id).cpu()
+    ids = torch.tensor(
+        [image_token_id] if isinstance(image_token_id, int) else list(image_token_id), device=input_ids.device
+    )
+    is_image = torch.isin(input_ids, ids).cpu()
     found = int(is_image.sum())
     expected = int(sum(counts))
     if found != expected:

@@ -48,7 +48,12 @@ class StageView:
 
 @dataclass
 class ImageReport:
-    """One image of one sample; patch ``p`` is cell ``p`` of its ``grids`` laid end to end."""
+    """One image of one sample; patch ``p`` is cell ``p`` of its ``grids`` laid end to end.
+
+    A video is reported per pruning unit (``pool="frame"``: one entry per frame, ``pool="video"``: one per video):
+    ``video`` is the video's number among the call's videos (None for an image) and ``frames`` the frames the entry
+    covers; :meth:`Report.videos` gathers them per video.
+    """
 
     sample: int
     index: int
@@ -56,6 +61,8 @@ class ImageReport:
     image_tokens: int
     stages: list[StageView]
     num_layers: int
+    video: int | None = None
+    frames: tuple[int, ...] = ()
 
     def counts(self) -> list[int]:
         return [s.tokens for s in self.stages]
@@ -66,6 +73,31 @@ class ImageReport:
         for stage, begin, end in zip(self.stages, starts[:-1], starts[1:], strict=True):
             per_layer += [stage.tokens] * (end - begin)
         return per_layer
+
+    def frame_counts(self) -> list[list[int]]:
+        """Per stage, the tokens standing at each of :attr:`frames` (by the patch a token stands at: its anchor for
+        a merged token); tokens at no patch ([CLS]) count for the frame whose placeholders they took. An image has
+        one frame. With ``pool="frame"`` every stage has one entry equal to :meth:`counts`; with ``pool="video"`` it
+        shows how the video's one pool fell across its frames."""
+        grids = self.grids or ((0, 0),)
+        bounds = []
+        total = 0
+        for rows, cols in grids:
+            total += rows * cols
+            bounds.append(total)
+        frames = max(1, len(self.frames))
+        per_grid = max(1, len(grids) // frames)  # grids per frame (one for every video family here)
+        out = []
+        for stage in self.stages:
+            counts = [0] * frames
+            last = 0
+            for patch in stage.token_patch:
+                if patch >= 0:
+                    grid = next((g for g, end in enumerate(bounds) if patch < end), len(bounds) - 1)
+                    last = min(frames - 1, grid // per_grid)
+                counts[last] += 1
+            out.append(counts)
+        return out
 
     @property
     def input_count(self) -> int:
@@ -133,6 +165,39 @@ class Report:
     def images(self) -> list[ImageReport]:
         return [im for s in self.samples for im in s.images]
 
+    def videos(self) -> list[dict[str, Any]]:
+        """Every video of the call, with its counts per stage in total and per frame.
+
+        Returns
+        -------
+        list of dict
+            In video order: ``sample``, ``video``, ``frames`` (the frames, Qwen-VL: temporal patches),
+            ``video_tokens`` (unpruned), ``counts`` (per stage, the video's tokens in total) and ``frame_counts``
+            (per stage, one count per frame). Under ``pool="frame"`` each frame met its own schedule; under
+            ``pool="video"`` the total did.
+        """
+        found: dict[int, dict[str, Any]] = {}
+        for im in self.images:
+            if im.video is None:
+                continue
+            entry = found.setdefault(
+                im.video,
+                {"sample": im.sample, "video": im.video, "frames": [], "video_tokens": 0, "units": []},
+            )
+            entry["frames"] += list(im.frames)
+            entry["video_tokens"] += im.image_tokens
+            entry["units"].append(im)
+        out = []
+        for video in sorted(found):
+            entry = found[video]
+            units = entry.pop("units")
+            stages = len(units[0].stages)
+            entry["counts"] = [sum(u.stages[s].tokens for u in units) for s in range(stages)]
+            per_unit = [u.frame_counts() for u in units]
+            entry["frame_counts"] = [[c for fc in per_unit for c in fc[s]] for s in range(stages)]
+            out.append(entry)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (kept positions included)."""
         out = {
@@ -153,6 +218,8 @@ class Report:
                     "images": [
                         {
                             "index": im.index,
+                            "video": im.video,
+                            "frames": list(im.frames),
                             "grids": [list(g) for g in im.grids],
                             "image_tokens": im.image_tokens,
                             "counts": im.counts(),
@@ -179,7 +246,8 @@ class Report:
                 lines.append(f"sample {s.sample}: no image")
                 continue
             per_image = "; ".join(
-                " -> ".join(str(c) for c in [im.image_tokens, *im.counts()]) for im in s.images
+                _unit_label(im) + " -> ".join(str(c) for c in [im.image_tokens, *im.counts()])
+                for im in s.images
             )
             lines.append(
                 f"sample {s.sample}: {per_image} | input {s.input_count:g}, layer-avg {s.layer_average:.1f}, "
@@ -193,6 +261,15 @@ class Report:
                 f"{_bytes_text(f['unpruned_kv_bytes'])}"
             )
         return "\n".join(lines)
+
+
+def _unit_label(im: ImageReport) -> str:
+    """``""`` for an image; ``"video 0 frame 3: "`` or ``"video 0 frames 0-3: "`` for a video's unit."""
+    if im.video is None:
+        return ""
+    if len(im.frames) == 1:
+        return f"video {im.video} frame {im.frames[0]}: "
+    return f"video {im.video} frames {im.frames[0]}-{im.frames[-1]}: "
 
 
 def _flops_text(tflops: float) -> str:

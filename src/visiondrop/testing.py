@@ -18,8 +18,10 @@ __all__ = [
     "QWEN_VIDEO",
     "QWEN_VISION_END",
     "QWEN_VISION_START",
+    "VIDEO_TOKEN",
     "internvl_inputs",
     "llava_next_placeholders",
+    "llava_next_video_inputs",
     "qwen_inputs",
     "tiny_internvl",
     "tiny_internvl_config",
@@ -27,8 +29,13 @@ __all__ = [
     "tiny_llava_config",
     "tiny_llava_next",
     "tiny_llava_next_config",
+    "tiny_llava_next_video",
+    "tiny_llava_next_video_config",
     "tiny_qwen2_vl",
     "tiny_qwen2_vl_config",
+    "tiny_video_llava",
+    "tiny_video_llava_config",
+    "video_llava_inputs",
 ]
 
 #: Placeholder id of the tiny models (vocabulary of 100).
@@ -233,11 +240,23 @@ def tiny_qwen2_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config
     return model
 
 
-def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left") -> dict:
-    """A padded Qwen batch. ``rows`` mix token ids and the marker ``"image"``, which expands to
-    ``<vision_start> <image>*n <vision_end>`` for the next grid ``(h, w)`` in patches (even numbers)."""
+def qwen_inputs(
+    rows: list[list],
+    grids: list[tuple[int, int]],
+    *,
+    seed: int = 1,
+    side: str = "left",
+    videos: list[tuple[int, int, int]] = (),
+    frame_text: int | None = None,
+    patch: int = 14,
+) -> dict:
+    """A padded Qwen batch. ``rows`` mix token ids and the markers ``"image"``, which expands to
+    ``<vision_start> <image>*n <vision_end>`` for the next grid ``(h, w)`` in patches (even numbers), and ``"video"``,
+    which expands to ``<vision_start> <video>*n <vision_end>`` for the next of ``videos`` ``(t, h, w)`` (temporal
+    patches, patches). With ``frame_text`` every temporal patch gets its own ``<vision_start> .. <vision_end>``
+    preceded by that token id (Qwen3-VL's processor puts a timestamp there). Pixels are random, ``patch`` px."""
     expanded, types = [], []
-    grid_iter = iter(grids)
+    grid_iter, video_iter = iter(grids), iter(videos)
     for row in rows:
         ids, kinds = [], []
         for item in row:
@@ -246,6 +265,16 @@ def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1
                 n = h * w // 4
                 ids += [QWEN_VISION_START, *[IMAGE_TOKEN] * n, QWEN_VISION_END]
                 kinds += [0, *[1] * n, 0]
+            elif item == "video":
+                t, h, w = next(video_iter)
+                n = h * w // 4
+                chunks = [n] * t if frame_text is not None else [n * t]
+                for chunk in chunks:
+                    if frame_text is not None:
+                        ids.append(frame_text)
+                        kinds.append(0)
+                    ids += [QWEN_VISION_START, *[QWEN_VIDEO] * chunk, QWEN_VISION_END]
+                    kinds += [0, *[2] * chunk, 0]
             else:
                 ids.append(item)
                 kinds.append(0)
@@ -261,14 +290,16 @@ def qwen_inputs(rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1
         mask[i, cols] = 1
         mm_types[i, cols] = torch.tensor(kinds)
     gen = torch.Generator().manual_seed(seed)
-    patches = sum(h * w for h, w in grids)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": mm_types,
-        "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=gen),
-        "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
-    }
+    batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm_types}
+    if grids:
+        patches = sum(h * w for h, w in grids)
+        batch["pixel_values"] = torch.randn(patches, 3 * 2 * patch * patch, generator=gen)
+        batch["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in grids])
+    if videos:
+        patches = sum(t * h * w for t, h, w in videos)
+        batch["pixel_values_videos"] = torch.randn(patches, 3 * 2 * patch * patch, generator=gen)
+        batch["video_grid_thw"] = torch.tensor([list(v) for v in videos])
+    return batch
 
 
 def tiny_qwen3_vl_config(*, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3):
@@ -332,12 +363,157 @@ def tiny_qwen3_vl(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config
 
 
 def qwen3_vl_inputs(
-    rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left"
+    rows: list[list], grids: list[tuple[int, int]], *, seed: int = 1, side: str = "left", **video_kwargs
 ) -> dict:
     """:func:`qwen_inputs` with Qwen3-VL's 16-px patches (pixel rows of 3 x 2 x 16 x 16 values)."""
-    batch = qwen_inputs(rows, grids, seed=seed, side=side)
+    return qwen_inputs(rows, grids, seed=seed, side=side, patch=16, **video_kwargs)
+
+
+#: Video placeholder id of the tiny Video-LLaVA (its image placeholder is :data:`IMAGE_TOKEN`).
+VIDEO_TOKEN = 98
+
+
+def tiny_video_llava_config(
+    *, image_size: int = 56, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3
+):
+    """A Video-LLaVA-shaped config: two CLIP towers with [CLS] (patch 14: 4 x 4 patches at 56 px, 16 image tokens,
+    17 per video frame), a Llama LLM with GQA, ``vision_feature_layer=-2``, ``"default"`` strategy."""
+    from transformers import VideoLlavaConfig
+
+    base = tiny_llava_config(image_size=image_size, layers=layers, kv_heads=kv_heads, attn=attn, init=init)
+    side = image_size // 14
+    config = VideoLlavaConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_seq_length=side * side,
+        video_seq_length=8 * (side * side + 1),
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_video_llava(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.VideoLlavaForConditionalGeneration` from :func:`tiny_video_llava_config`."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(**config_kwargs)).eval().to(dtype)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def video_llava_inputs(
+    rows: list[list], *, frames: int = 8, image_size: int = 56, seed: int = 1, side: str = "left"
+) -> dict:
+    """A padded Video-LLaVA batch. ``rows`` mix token ids and the markers ``"image"`` (``(S/14)^2`` image
+    placeholders) and ``"video"`` (``frames x ((S/14)^2 + 1)`` video placeholders: every frame keeps its [CLS])."""
+    patches = (image_size // 14) ** 2
+    expanded = []
+    images = videos = 0
+    for row in rows:
+        ids = []
+        for item in row:
+            if item == "image":
+                ids += [IMAGE_TOKEN] * patches
+                images += 1
+            elif item == "video":
+                ids += [VIDEO_TOKEN] * (frames * (patches + 1))
+                videos += 1
+            else:
+                ids.append(item)
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
     gen = torch.Generator().manual_seed(seed)
-    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape[0], 3 * 2 * 16 * 16, generator=gen)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if images:
+        batch["pixel_values"] = torch.randn(images, 3, image_size, image_size, generator=gen)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(videos, frames, 3, image_size, image_size, generator=gen)
+    return batch
+
+
+def tiny_llava_next_video_config(
+    *, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3
+):
+    """A LLaVA-NeXT-Video-shaped config: :func:`tiny_llava_next_config`'s tower, pinpoints and Llama LLM, and videos
+    pooled 2 x 2 (``spatial_pool_stride=2``, average): 4 x 4 patches per 56 px frame -> 4 video tokens per frame."""
+    from transformers import LlavaNextVideoConfig
+
+    base = tiny_llava_next_config(layers=layers, kv_heads=kv_heads, attn=attn, init=init)
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=base.image_grid_pinpoints,
+        spatial_pool_stride=2,
+        spatial_pool_mode="average",
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_llava_next_video(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.LlavaNextVideoForConditionalGeneration`."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = (
+        LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config(**config_kwargs)).eval().to(dtype)
+    )
+    with torch.no_grad():  # a visible newline embedding, as tiny_llava_next
+        model.model.image_newline.normal_(0, 0.3)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def llava_next_video_inputs(
+    model,
+    rows: list[list],
+    sizes: list[tuple[int, int]],
+    *,
+    frames: int = 4,
+    seed: int = 1,
+    side: str = "left",
+) -> dict:
+    """A padded LLaVA-NeXT-Video batch: ``"image"`` expands to the next of ``sizes`` (h, w) as LLaVA-NeXT counts it,
+    ``"video"`` to ``frames x 4`` video placeholders (56 px frames pooled 2 x 2)."""
+    images = iter(sizes)
+    expanded = []
+    videos = 0
+    for row in rows:
+        ids = []
+        for item in row:
+            if item == "image":
+                ids += [IMAGE_TOKEN] * llava_next_placeholders(model, next(images))
+            elif item == "video":
+                ids += [VIDEO_TOKEN] * (frames * 4)
+                videos += 1
+            else:
+                ids.append(item)
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if sizes:
+        batch["pixel_values"] = torch.randn(len(sizes), 5, 3, 56, 56, generator=gen)
+        batch["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(videos, frames, 3, 56, 56, generator=gen)
     return batch
 
 

@@ -27,7 +27,7 @@ __all__ = ["ImageInfo", "LLMTokens", "Selection", "VisionTokens", "selection_map
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """Static facts about one image's visual tokens.
+    """Static facts about one image's visual tokens, or one pruning unit of a video (a frame, or the whole video).
 
     Attributes
     ----------
@@ -41,12 +41,24 @@ class ImageInfo:
         Tokens of every vision-tower pass this image takes (one per crop), for the cost accounting.
     newlines : tuple of bool
         Per grid, whether each of its rows is followed by one extra placeholder (LLaVA-NeXT's ``image_newline``).
+    video : int or None
+        For a unit of a video, the video's number among the call's videos (in placeholder order); None for an image.
+    frames : tuple of int
+        For a unit of a video, the frames of that video it covers, in order (Qwen-VL: temporal patches of two frames;
+        Video-LLaVA: frames). With ``pool="frame"`` a unit is one frame, with ``pool="video"`` the whole video; its
+        ``grids`` then hold one grid per frame.
+    cls : bool
+        Whether each grid's placeholders start with one for its [CLS] token (Video-LLaVA's video frames give the LLM
+        their [CLS] too); False where [CLS] is dropped before the LLM or there is none.
     """
 
     tokens: int
     grids: tuple[tuple[int, int], ...] = ()
     vit_tokens: tuple[int, ...] = ()
     newlines: tuple[bool, ...] = ()
+    video: int | None = None
+    frames: tuple[int, ...] = ()
+    cls: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -59,6 +71,8 @@ class ImageInfo:
         for (rows, cols), newline in zip(
             self.grids, self.newlines or (False,) * len(self.grids), strict=True
         ):
+            if self.cls:
+                out.append(-1)
             for _ in range(rows):
                 out += range(patch, patch + cols)
                 patch += cols

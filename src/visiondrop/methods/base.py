@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
     from ..models.base import ModelAdapter
     from ..runtime import Run
-    from ..tokens import LLMTokens, VisionTokens
+    from ..tokens import ImageInfo, LLMTokens, VisionTokens
 
 __all__ = [
+    "POOLS",
     "POSITION_POLICIES",
     "MethodInfo",
     "OneBoundaryMethod",
@@ -60,6 +61,9 @@ class MethodInfo:
 
 #: The values of every method's ``positions`` field.
 POSITION_POLICIES = ("auto", "compact", "preserve")
+
+#: The values of every method's ``pool`` field: how a video's frames compete for the budget.
+POOLS = ("frame", "video")
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 
@@ -213,11 +217,18 @@ class PruningMethod(metaclass=_CheckedFields):
         merged token takes its anchor's), ``"auto"`` is compact where the model's positions are 1-D RoPE and
         preserve for M-RoPE models (Qwen2-VL), where compact has no meaning. Default ``"auto"``
         (VisionDrop: ``"preserve"``).
+    pool : str
+        How a video's visual tokens compete (images are unaffected). A video is split per frame (Qwen-VL: per
+        temporal patch of two frames); an int budget is tokens per frame, a float a fraction of the video's tokens.
+        ``"frame"`` (default): every frame is pruned on its own, to its own schedule (the report counts each frame);
+        ``"video"``: the whole video is one pool of ``budget x frames`` tokens (or the fraction of all its tokens),
+        so busy frames may keep more than quiet ones (the report counts the video).
     """
 
     budget: int | float = 64
     budget_mode: str = "average"
     positions: str = "auto"
+    pool: str = "frame"
 
     #: Registry name.
     name: ClassVar[str] = ""
@@ -260,6 +271,8 @@ class PruningMethod(metaclass=_CheckedFields):
             )
         if self.budget_mode not in ("average", "input"):
             raise ValueError(f"budget_mode must be 'average' or 'input', got {self.budget_mode!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {self.pool!r}")
         if self.positions not in POSITION_POLICIES:
             raise ValueError(
                 f"positions must be one of {', '.join(map(repr, POSITION_POLICIES))}, got {self.positions!r}"
@@ -278,6 +291,30 @@ class PruningMethod(metaclass=_CheckedFields):
             raise ValueError(
                 f"budget={self.budget} is more than the {image_tokens} visual tokens the image has"
             )
+
+    def for_unit(self, info: ImageInfo) -> PruningMethod:
+        """The method that schedules one pruning unit: itself for an image or one frame of a video; for a whole
+        video (``pool="video"``) a copy whose int budget is ``budget x frames`` (a fraction stays as it is).
+
+        Raises
+        ------
+        ValueError
+            When an int budget is more than a frame's tokens (one line naming the video).
+        """
+        frames = len(info.frames)
+        if info.video is None or frames <= 1:
+            self.check_image_tokens(info.tokens)
+            return self
+        per_frame = info.tokens // frames
+        try:  # an int budget is tokens per frame: it must fit one frame
+            self.check_image_tokens(per_frame)
+        except ValueError:
+            raise ValueError(
+                f"budget={self.budget} is more than the {per_frame} visual tokens per frame of video {info.video}"
+            ) from None
+        if isinstance(self.budget, float):
+            return self
+        return dataclasses.replace(self, budget=self.budget * frames)
 
     def schedule(
         self, image_tokens: int, num_layers: int, grids: tuple[tuple[int, int], ...] | None = None

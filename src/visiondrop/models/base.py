@@ -114,6 +114,9 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+        #: How a video's frames compete (the method's ``pool``, set when the method is attached): ``"frame"`` makes
+        #: every frame its own pruning unit, ``"video"`` one unit of the whole video.
+        self.pool = "frame"
 
     # --- the LLM side ---------------------------------------------------------------------------------------
     @cached_property
@@ -124,9 +127,20 @@ class ModelAdapter:
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
+    def placeholder_ids(self, infos: list[ImageInfo]) -> tuple[int, ...]:
+        """The placeholder ids whose runs the pruning units ``infos`` fill, in the order :meth:`image_infos` lists
+        them: the image placeholder, and the video placeholder when a unit is part of a video (a call without videos
+        never counts a stray video id as a placeholder)."""
+        return (self.image_token_id,)
+
+    def has_visual(self, kwargs: dict) -> bool:
+        """Whether a call carries pixels for the vision stage (images, or videos where the family has them)."""
+        return kwargs.get("pixel_values") is not None
+
     # --- the vision side ------------------------------------------------------------------------------------
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
-        """Facts about every image of a call, in placeholder order over (batch, sequence)."""
+        """Facts about every pruning unit of a call (an image, a video's frame or a whole video per :attr:`pool`),
+        in placeholder order over (batch, sequence)."""
         raise NotImplementedError
 
     def default_image_tokens(self) -> int | None:

@@ -11,7 +11,14 @@
 - Positions: M-RoPE gives every visual token a (t, h, w) position, so only ``positions="preserve"`` has a meaning:
   the 3-D positions are computed on the unpruned sequence (as the unpatched model would) and gathered for the tokens
   that survive. ``compact`` is refused.
-- Video inputs are refused with a clear error (images only).
+- Videos (``pixel_values_videos``, ``video_grid_thw``): the ViT patches a video in temporal patches of two frames
+  and attends within each one (``cu_seqlens`` per temporal patch), so a temporal patch is the video's *frame* here.
+  With the method's ``pool="frame"`` each temporal patch is one pruning unit (an int budget = tokens kept per
+  temporal patch); with ``pool="video"`` the whole video is one unit (``budget x temporal patches`` tokens, or the
+  fraction), its grids one per temporal patch. Scores are the same visual attention within each temporal patch.
+  Units of images and videos are listed in placeholder order over (batch, sequence) (images and videos may share a
+  prompt); their features go back as ``mm_encoder_outputs["image"]`` and ``["video"]``. Positions are the model's
+  own 3-D M-RoPE on the unpruned sequence, gathered for the kept tokens, as for images.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -40,14 +48,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class QwenVisionTokens(VisionTokens):
-    """One Qwen image: its merged units (2x2 patches) in raster order; no [CLS]."""
+    """One Qwen image (or a video's unit): its merged units (2x2 patches) in raster order; no [CLS]."""
 
     def __init__(
         self,
         units: torch.Tensor,
         scores: torch.Tensor,
         keys: torch.Tensor,
-        grid: tuple[int, int],
+        grids: tuple[tuple[int, int], ...],
         project: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         """
@@ -59,8 +67,10 @@ class QwenVisionTokens(VisionTokens):
             Visual attention received by each unit (sum over its patches).
         keys : Tensor, shape (1, n, d)
             Mean pre-RoPE key of each unit's patches, averaged over heads.
+        grids : tuple of (rows, cols)
+            In merged units: one grid for an image, one per temporal patch for a video's unit.
         """
-        super().__init__(units, has_cls=False, grids=(grid,))
+        super().__init__(units, has_cls=False, grids=grids)
         self._scores = scores
         self._keys = keys
         self._project = project
@@ -73,6 +83,16 @@ class QwenVisionTokens(VisionTokens):
 
     def projected(self) -> torch.Tensor:
         return self._project(self.hidden)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One pruning unit of a call: image ``item``, or temporal patches ``frames`` of video ``item``."""
+
+    kind: str  # "image" or "video"
+    item: int
+    frames: tuple[int, ...]
+    start: int  # flat (batch * length) column of its first placeholder: the units' order
 
 
 @register_adapter
@@ -101,39 +121,131 @@ class Qwen2VLAdapter(ModelAdapter):
         return TextStack(self.model.model.language_model)
 
     def vision_kwargs(self) -> tuple[str, ...]:
-        return ("pixel_values", "image_grid_thw")
+        return ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
     def aligned_kwargs(self) -> tuple[str, ...]:
         return ("mm_token_type_ids",)
 
-    def check_call(self, kwargs: dict) -> None:
-        if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError(
-                "pixel_values_videos: visiondrop prunes images only; video inputs are not supported"
-            )
+    def placeholder_ids(self, infos: list[ImageInfo]) -> tuple[int, ...]:
+        if any(info.video is not None for info in infos):
+            return (self.image_token_id, int(self.config.video_token_id))
+        return (self.image_token_id,)
 
-    def image_infos(self, kwargs: dict) -> list[ImageInfo]:
-        if kwargs.get("pixel_values") is None:
+    def has_visual(self, kwargs: dict) -> bool:
+        return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def _grids(self, kwargs: dict, kind: str) -> list[tuple[int, int, int]]:
+        pixels = "pixel_values" if kind == "image" else "pixel_values_videos"
+        if kwargs.get(pixels) is None:
             return []
-        grid_thw = kwargs.get("image_grid_thw")
+        grid_thw = kwargs.get(f"{kind}_grid_thw")
         if grid_thw is None:
             raise ValueError(
-                "image_grid_thw is missing: Qwen2-VL needs each image's patch grid (the processor returns it)"
+                f"{kind}_grid_thw is missing: {self.family} needs each {kind}'s patch grid (the processor returns it)"
             )
+        return [tuple(g) for g in grid_thw.tolist()]
+
+    def _units(self, kwargs: dict) -> list[_Unit]:
+        """The call's pruning units in placeholder order: each image; each video's temporal patches
+        (``pool="frame"``) or the whole video (``pool="video"``)."""
+        flat = kwargs["input_ids"].flatten()
+        units: list[_Unit] = []
+        for kind, token in (("image", self.image_token_id), ("video", int(self.config.video_token_id))):
+            grids = self._grids(kwargs, kind)
+            columns = torch.nonzero(flat == token).flatten().tolist()
+            per_frame = [h * w // (self.merge * self.merge) for _, h, w in grids]
+            need = sum(t * n for (t, _, _), n in zip(grids, per_frame, strict=True))
+            if need != len(columns):
+                raise ValueError(
+                    f"{len(grids)} {kind}(s) need {need} <{kind}> placeholder tokens in input_ids, found {len(columns)}"
+                )
+            cursor = 0
+            for item, ((t, _, _), n) in enumerate(zip(grids, per_frame, strict=True)):
+                if kind == "image" or self.pool == "frame":
+                    parts = [(f,) for f in range(t)] if kind == "video" else [()]
+                else:
+                    parts = [tuple(range(t))]
+                    run = columns[cursor : cursor + t * n]
+                    if run[-1] - run[0] + 1 != t * n:
+                        raise ValueError(
+                            f"pool='video': video {item}'s placeholders are not one run (text between its temporal "
+                            "patches, as Qwen3-VL's timestamps); pool='video' needs one run per video, use "
+                            "pool='frame'"
+                        )
+                for frames in parts:
+                    units.append(_Unit(kind, item, frames, columns[cursor]))
+                    cursor += n * max(1, len(frames))
+        return sorted(units, key=lambda u: u.start)
+
+    def image_infos(self, kwargs: dict) -> list[ImageInfo]:
+        grids = {kind: self._grids(kwargs, kind) for kind in ("image", "video")}
+        if not grids["image"] and not grids["video"]:
+            return []
+        units = self._units(kwargs)
+        self._kinds = [u.kind for u in units]  # for mm_encoder_outputs, later in the same vision stage
         infos = []
-        for t, h, w in grid_thw.tolist():
+        for u in units:
+            t, h, w = grids[u.kind][u.item]
             rows, cols = h // self.merge, w // self.merge
-            infos.append(
-                ImageInfo(tokens=t * rows * cols, grids=((t * rows, cols),), vit_tokens=(t * h * w,))
-            )
+            if u.kind == "image":
+                infos.append(
+                    ImageInfo(tokens=t * rows * cols, grids=((t * rows, cols),), vit_tokens=(t * h * w,))
+                )
+            else:  # the ViT attends within each temporal patch: one pass of h*w patches per temporal patch
+                count = len(u.frames)
+                infos.append(
+                    ImageInfo(
+                        tokens=count * rows * cols,
+                        grids=((rows, cols),) * count,
+                        vit_tokens=(h * w,) * count,
+                        video=u.item,
+                        frames=u.frames,
+                    )
+                )
         return infos
 
     def _project(self, units: torch.Tensor) -> torch.Tensor:
         return self.visual.merger.mlp(units)
 
     def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
-        grid_thw = kwargs["image_grid_thw"]
-        pixel_values = kwargs["pixel_values"].type(self.visual.dtype)
+        """One ViT pass for the images and one for the videos; each unit becomes its own group."""
+        towers = {}
+        for kind in ("image", "video"):
+            pixels = kwargs.get("pixel_values" if kind == "image" else "pixel_values_videos")
+            if pixels is not None:
+                towers[kind] = self._tower(pixels, kwargs[f"{kind}_grid_thw"])
+        groups = []
+        unit = self.merge * self.merge
+        for index, u in enumerate(self._units(kwargs)):
+            parts, (t, h, w) = towers[u.kind][u.item]
+            rows, cols = h // self.merge, w // self.merge
+            if u.kind == "image":
+                grids, cut = ((t * rows, cols),), slice(None)
+            else:  # a video's units run t-major: temporal patch f is block f of h*w/4 units
+                per = h * w // unit
+                grids, cut = (
+                    ((rows, cols),) * len(u.frames),
+                    slice(u.frames[0] * per, (u.frames[-1] + 1) * per),
+                )
+            groups.append(([index], self._make_tokens([p[cut][None] for p in parts], grids)))
+        return groups
+
+    def _make_tokens(self, parts: list[torch.Tensor], grids: tuple[tuple[int, int], ...]) -> VisionTokens:
+        """VisionTokens of one unit from its slices of :meth:`_tower`'s tensors (each with a leading 1)."""
+        units, scores, keys = parts
+        return QwenVisionTokens(units, scores, keys, grids, self._project)
+
+    def _tower(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> list[tuple[list[torch.Tensor], tuple[int, int, int]]]:
+        """Run the ViT on images or videos (one ``grid_thw`` row each).
+
+        Returns
+        -------
+        list of (tensors, (t, h, w))
+            Per item: its merged units (n, 4 Dv), scores (n,) and keys (n, d) in raster order (t-major).
+        """
+        pixel_values = pixel_values.type(self.visual.dtype)
         captured: dict[str, object] = {}
 
         def grab_input(module, args, hook_kwargs):
@@ -161,19 +273,16 @@ class Qwen2VLAdapter(ModelAdapter):
             restore = torch.argsort(qwen_window_index(self.visual, grid_thw).to(unit_scores.device))
             unit_scores, unit_keys, units_w = unit_scores[restore], unit_keys[restore], units_w[restore]
         counts = (grid_thw.prod(-1) // unit).tolist()
-        groups = []
-        for image, (s, k, u, (t, h, w)) in enumerate(
-            zip(
+        return [
+            ([u, s, k], tuple(g))
+            for s, k, u, g in zip(
                 unit_scores.split(counts),
                 unit_keys.split(counts),
                 units_w.split(counts),
                 grid_thw.tolist(),
                 strict=True,
             )
-        ):
-            grid = (t * h // self.merge, w // self.merge)
-            groups.append(([image], QwenVisionTokens(u[None], s[None], k[None], grid, self._project)))
-        return groups
+        ]
 
     def _patch_scores(self, captured: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per patch: attention received from its image's patches, and its pre-RoPE key averaged over heads."""
@@ -205,6 +314,18 @@ class Qwen2VLAdapter(ModelAdapter):
             return selection.apply(tokens.projected())
         return self._project(selection.apply(tokens.hidden))
 
+    def mm_encoder_outputs(self, features: list[torch.Tensor]) -> dict:
+        """Per-unit features as ``{"image": ..., "video": ...}``: the model scatters each kind into its own
+        placeholders in order, so a video's units go back as consecutive entries of its list."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = {}
+        for kind in ("image", "video"):
+            chosen = [f for f, k in zip(features, self._kinds, strict=True) if k == kind]
+            if chosen:
+                out[kind] = BaseModelOutputWithPooling(pooler_output=chosen)
+        return out
+
     def positions(self, kwargs: dict, *, generate: bool) -> torch.Tensor | None:
         """M-RoPE positions of the unpruned sequence, as the unpatched model computes them.
 
@@ -223,6 +344,7 @@ class Qwen2VLAdapter(ModelAdapter):
             input_ids,
             mm_token_type_ids=types,
             image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"),
             attention_mask=mask,
         )
         if not generate:

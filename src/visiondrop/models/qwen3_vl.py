@@ -61,7 +61,7 @@ class Qwen3VisionTokens(QwenVisionTokens):
 
 @register_adapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
-    """``Qwen3VLForConditionalGeneration`` (images)."""
+    """``Qwen3VLForConditionalGeneration`` (images and videos)."""
 
     model_classes = ("Qwen3VLForConditionalGeneration",)
     family = "Qwen3-VL"
@@ -96,9 +96,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def _project(self, units: torch.Tensor) -> torch.Tensor:
         return self._run_merger(self.visual.merger, units)
 
-    def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
-        grid_thw = kwargs["image_grid_thw"]
-        pixel_values = kwargs["pixel_values"].type(self.visual.dtype)
+    def _make_tokens(self, parts: list[torch.Tensor], grids: tuple[tuple[int, int], ...]) -> VisionTokens:
+        units, scores, keys, *deep = parts
+        return Qwen3VisionTokens(units, scores, keys, grids, self._project, deepstack=deep)
+
+    def _tower(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> list[tuple[list[torch.Tensor], tuple[int, int, int]]]:
+        """Qwen2-VL's tensors per item, then the pre-MLP units (n, 4 Dv) of every DeepStack level."""
+        pixel_values = pixel_values.type(self.visual.dtype)
         captured: dict[str, object] = {}
         levels: dict[int, torch.Tensor] = {}
 
@@ -135,16 +141,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         unit_scores = scores.view(-1, unit).sum(1)
         unit_keys = keys.view(-1, unit, keys.shape[-1]).mean(1)
         counts = (grid_thw.prod(-1) // unit).tolist()
-        splits = [u.split(counts) for u in (unit_scores, unit_keys, units, *deep)]
-        groups = []
-        for image, (t, h, w) in enumerate(grid_thw.tolist()):
-            s, k, u, *d = (parts[image] for parts in splits)
-            grid = (t * h // self.merge, w // self.merge)
-            tokens = Qwen3VisionTokens(
-                u[None], s[None], k[None], grid, self._project, deepstack=[x[None] for x in d]
-            )
-            groups.append(([image], tokens))
-        return groups
+        splits = [u.split(counts) for u in (units, unit_scores, unit_keys, *deep)]
+        return [([parts[item] for parts in splits], tuple(g)) for item, g in enumerate(grid_thw.tolist())]
 
     def features(self, tokens: Qwen3VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
         """Main features, then every DeepStack level, concatenated on the feature axis: (I, k, (1 + D) * D_llm).
@@ -162,15 +160,21 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return torch.cat(parts, dim=-1)
 
     def mm_encoder_outputs(self, features: list[torch.Tensor]) -> dict:
-        """Per-image (k_i, (1 + D) * D_llm) rows of :meth:`features` as Qwen3-VL's ``mm_encoder_outputs``."""
+        """Per-unit (k_i, (1 + D) * D_llm) rows of :meth:`features` as Qwen3-VL's ``mm_encoder_outputs``, images
+        under ``"image"`` and video units under ``"video"`` (the model joins both kinds' DeepStack features in
+        placeholder order itself)."""
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-        chunks = [f.chunk(1 + self.deepstack_layers, dim=-1) for f in features]
-        main = [c[0] for c in chunks]
-        deepstack = [[c[1 + level] for c in chunks] for level in range(self.deepstack_layers)]
-        return {
-            "image": BaseModelOutputWithDeepstackFeatures(pooler_output=main, deepstack_features=deepstack)
-        }
+        out = {}
+        for kind in ("image", "video"):
+            chosen = [f for f, k in zip(features, self._kinds, strict=True) if k == kind]
+            if not chosen:
+                continue
+            chunks = [f.chunk(1 + self.deepstack_layers, dim=-1) for f in chosen]
+            main = [c[0] for c in chunks]
+            deepstack = [[c[1 + level] for c in chunks] for level in range(self.deepstack_layers)]
+            out[kind] = BaseModelOutputWithDeepstackFeatures(pooler_output=main, deepstack_features=deepstack)
+        return out
 
 
 def _vision_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:

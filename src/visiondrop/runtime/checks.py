@@ -34,7 +34,7 @@ def check_forward_kwargs(adapter: ModelAdapter, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: visiondrop needs a 2-D padding mask")
-    if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is None:
+    if adapter.has_visual(kwargs) and kwargs.get("input_ids") is None:
         raise ValueError(
             "inputs_embeds with images: visiondrop needs input_ids to find the <image> placeholders"
         )

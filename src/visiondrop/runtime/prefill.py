@@ -207,6 +207,8 @@ class Prefill:
                     image_tokens=out.info.tokens,
                     stages=views,
                     num_layers=num_layers,
+                    video=out.info.video,
+                    frames=out.info.frames,
                 )
             )
         schedules = {

@@ -83,6 +83,7 @@ def attach(method: PruningMethod, model: torch.nn.Module, *, profile: bool = Fal
         raise RuntimeError(
             f"{type(model).__name__} already has a pruning method applied; exit that block first"
         )
+    adapter.pool = method.pool  # how the adapter splits videos into pruning units
     session = Session(method, model, adapter, profile=profile)
     session.install()
     _ACTIVE.add(model)
@@ -152,9 +153,10 @@ class Session:
 
     def schedule(self, info: ImageInfo) -> Schedule:
         """The method's per-stage counts for one image (cached per image shape), checked by the family."""
-        key = (info.tokens, info.grids)
+        key = (info.tokens, info.grids, len(info.frames))
         if key not in self._schedules:
-            schedule = self.method.schedule(info.tokens, self.text.num_layers, info.grids or None)
+            method = self.method.for_unit(info)  # a whole video (pool="video"): budget x frames
+            schedule = method.schedule(info.tokens, self.text.num_layers, info.grids or None)
             self.adapter.check_schedule(schedule)
             self._schedules[key] = schedule
         return self._schedules[key]
@@ -255,7 +257,7 @@ class Session:
         caller_ids = kwargs.get("input_ids")
         cache = cache_of(kwargs)
         record = self.caches.get(cache) if cache is not None else None
-        has_images = kwargs.get("pixel_values") is not None
+        has_images = self.adapter.has_visual(kwargs)
         if record is not None:
             if has_images:
                 raise ValueError(
@@ -302,16 +304,15 @@ class Session:
         cache = cache_of(kwargs)
         record = self.caches.get(cache) if cache is not None else None
         vision = None
-        if kwargs.get("pixel_values") is not None:
+        if self.adapter.has_visual(kwargs):
             if record is not None or (cache is not None and cache.get_seq_length() > 0):
                 raise ValueError(
                     "images with a pre-filled past_key_values are not supported: the image tokens must be scored "
                     "in one prefill"
                 )
             vision = vision_stage.run(self, kwargs, generate=False)
-        elif (
-            kwargs.get("mm_encoder_outputs") is not None
-            and kwargs["mm_encoder_outputs"].get("image") is not None
+        elif kwargs.get("mm_encoder_outputs") is not None and any(
+            v is not None for v in kwargs["mm_encoder_outputs"].values()
         ):
             if call.vision is not None:  # generate()'s prompt, its rows maybe repeated (beams, samples)
                 rows = (

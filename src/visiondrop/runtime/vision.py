@@ -31,10 +31,10 @@ def run(session: Session, kwargs: dict, *, generate: bool) -> VisionOutcome:
     adapter = session.adapter
     input_ids = kwargs["input_ids"]
     infos = adapter.image_infos(kwargs)
-    spans = find_image_spans(input_ids, adapter.image_token_id, [i.tokens for i in infos])
+    spans = find_image_spans(input_ids, adapter.placeholder_ids(infos), [i.tokens for i in infos])
     device = input_ids.device
     for info in infos:
-        session.method.check_image_tokens(info.tokens)
+        session.method.for_unit(info)  # raises when the budget does not fit the image (or a video's frame)
     schedules = [session.schedule(info) for info in infos]
     stages = [schedule.vision for schedule in schedules]
     if all(stage.tokens == info.tokens for stage, info in zip(stages, infos, strict=True)):
@@ -65,6 +65,11 @@ def run(session: Session, kwargs: dict, *, generate: bool) -> VisionOutcome:
 
 def encoded_by_caller(session: Session, kwargs: dict) -> VisionOutcome:
     """A call whose caller encoded the images (``mm_encoder_outputs``): no vision stage, in-LLM stages only."""
+    if kwargs["mm_encoder_outputs"].get("video") is not None:
+        raise ValueError(
+            "mm_encoder_outputs['video']: videos must come as pixel_values_videos, so that visiondrop splits "
+            "them into frames; video features encoded by the caller are not supported"
+        )
     feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
     infos = [ImageInfo(f.shape[0]) for f in feats]
     spans = find_image_spans(kwargs["input_ids"], session.adapter.image_token_id, [i.tokens for i in infos])

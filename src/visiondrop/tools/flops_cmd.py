@@ -261,6 +261,29 @@ class CostReport:
         return "\n".join(lines)
 
 
+def video_schedule(pruner: Any, image: ImageShape, num_layers: int) -> Schedule:
+    """The method's schedule for ``image``, summed over a video's frames per its ``pool`` (one image: as is).
+
+    ``pool="frame"``: every frame gets the frame's schedule (an int budget per frame), so each stage keeps
+    ``frames x`` the frame's count; ``pool="video"``: one schedule for the whole video (``budget x frames`` tokens,
+    or the fraction of all of them), as the runtime schedules a video unit.
+    """
+    if image.frames <= 1:
+        return pruner.schedule(image.tokens, num_layers, image.grids)
+    from ..schedule import Stage
+    from ..tokens import ImageInfo
+
+    frames = image.frames
+    grids = image.grids or ()
+    if pruner.pool == "video":
+        info = ImageInfo(image.tokens, grids, image.vit_tokens, video=0, frames=tuple(range(frames)))
+        return pruner.for_unit(info).schedule(image.tokens, num_layers, grids or None)
+    per_frame = image.tokens // frames
+    frame = pruner.schedule(per_frame, num_layers, grids[:1] or None)
+    stages = tuple(Stage(s.layer, s.dominant * frames, s.contextual * frames) for s in frame.stages)
+    return Schedule(stages, image.tokens, num_layers)
+
+
 def estimate_costs(
     model: str,
     method: str = "visiondrop",
@@ -293,7 +316,8 @@ def estimate_costs(
     dtype : str
         Element type of the KV cache.
     settings : mapping, optional
-        Other method fields (``layer`` for FastV, ``boundaries`` for VisionDrop, ...).
+        Other method fields (``layer`` for FastV, ``boundaries`` for VisionDrop, ``pool`` for a video model:
+        ``frame`` or ``video``, see :func:`video_schedule`).
 
     Returns
     -------
@@ -319,7 +343,7 @@ def estimate_costs(
     fields = dict(settings or {})
     fields.update(budget=budget, budget_mode=budget_mode)
     pruner = build(method, **fields)
-    schedule = pruner.schedule(image.tokens, arch.num_layers, image.grids)
+    schedule = video_schedule(pruner, image, arch.num_layers)
 
     per_layer = schedule.tokens_per_layer()
     full = [image.tokens] * arch.num_layers
