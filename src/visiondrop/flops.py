@@ -114,6 +114,7 @@ SHIPPED_CONFIGS: tuple[str, ...] = (
     "llava-next-7b",
     "qwen2-vl-7b",
     "qwen3-vl-8b",
+    "llava-onevision-7b",
 )
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -125,6 +126,7 @@ _HUB_ALIASES: dict[str, str] = {
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
     "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-7b",
 }
 
 #: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928
@@ -209,7 +211,10 @@ class ArchSpec:
         ViT passes for one image at the highest resolution (1 for LLaVA-1.5; base view + 4 tiles = 5 for
         LLaVA-NeXT with the 672×672 pinpoint; 1 image for Qwen2-VL).
     image_grid_pinpoints : tuple of (int, int)
-        LLaVA-NeXT any-resolution grid, ``(height, width)`` pairs; empty for other families.
+        LLaVA-NeXT / LLaVA-OneVision any-resolution grid, ``(height, width)`` pairs; empty for other families.
+    anyres_max_patches : int
+        LLaVA-OneVision's AnyRes-Max cap (``anyres_max_9``: 9 base-view areas before the grid is downscaled); 0 for
+        other families.
     name : str
         Free-form label (the shipped config name when loaded with :func:`load_arch`).
     """
@@ -237,6 +242,7 @@ class ArchSpec:
     projector_out: int
     max_crops: int = 1
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    anyres_max_patches: int = 0
     name: str = ""
 
     @property

@@ -1,6 +1,6 @@
 """One adapter per model family: where the vision tower, feature layer, decoder layers and placeholders are."""
 
-from . import llava, llava_next, qwen2_vl, qwen3_vl  # noqa: F401  (registers the adapters)
+from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (registers the adapters)
 from .base import ADAPTERS, ImageInfo, LLMTokens, ModelAdapter, TextStack, VisionTokens, get_adapter
 
 __all__ = ["ADAPTERS", "ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens", "get_adapter"]

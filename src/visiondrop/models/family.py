@@ -101,7 +101,7 @@ def register_family(family: Family) -> Family:
 
 def _load() -> None:
     # The families are defined by the adapter modules: importing the package registers every one of them.
-    from . import llava, llava_next, qwen2_vl, qwen3_vl  # noqa: F401
+    from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401
 
 
 def families() -> dict[str, Family]:
