@@ -93,6 +93,18 @@ def _qwen3():
     return model, batch
 
 
+def _onevision():
+    from conftest import onevision_batch
+    from visiondrop.testing import tiny_llava_onevision
+
+    model = tiny_llava_onevision()
+    batch = onevision_batch(model)
+    _warm(
+        model, batch, lambda: model.model.vision_tower(torch.randn(1, 3, 56, 56), output_hidden_states=True)
+    )
+    return model, batch
+
+
 #: family -> (builder, the README table's column)
 FAMILIES = {
     "llava-1.5": (_llava, "LLaVA-1.5"),
@@ -101,6 +113,7 @@ FAMILIES = {
     "qwen2-vl": (lambda: _qwen("2"), "Qwen2-VL / 2.5-VL"),
     "qwen2.5-vl": (lambda: _qwen("2.5"), "Qwen2-VL / 2.5-VL"),
     "qwen3-vl": (_qwen3, "Qwen3-VL"),
+    "llava-onevision": (_onevision, "LLaVA-OneVision"),
 }
 
 
