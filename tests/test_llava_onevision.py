@@ -4,6 +4,7 @@ unpadded) and a text-only row."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from types import SimpleNamespace
@@ -392,3 +393,56 @@ def test_onevision_flops_command_costs_it(capsys):
     assert main(["flops", "--model", "llava-onevision-7b", "--method", "visiondrop", "--budget", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "llava_onevision" in out and "3699 visual tokens for a 672x672 image" in out
+
+
+def test_onevision_bench_builds_the_7b_shape_and_runs_the_tiny_one(tmp_path):
+    """``visiondrop bench`` builds LLaVA-OneVision-7B's config (1 LLM layer, no weights here) and its 672 x 672 image,
+    and runs the tiny shape end to end with exact per-layer counts and the analytic unpruned FLOPs."""
+    import math
+
+    from visiondrop import build
+    from visiondrop import flops as vf
+    from visiondrop.models.family import family_of
+    from visiondrop.testing import tiny_llava_onevision_config
+    from visiondrop.tools import bench
+
+    config = bench.bench_config("llava-onevision-7b", 1)
+    assert config.text_config.num_hidden_layers == 1 and config.model_type == "llava_onevision"
+    image = family_of("llava_onevision").bench_image(config, 1, torch.Generator())
+    assert image.tokens == 3699 and image.grids == ((27, 27), (54, 54)) and image.vit_tokens == 729
+    assert tuple(image.inputs["pixel_values"].shape) == (1, 5, 3, 384, 384)
+
+    layers, text = 4, 16
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_llava_onevision_config(layers=layers).to_dict()))
+    out = tmp_path / "bench.json"
+    parser = argparse.ArgumentParser(prog="visiondrop")
+    bench.add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = ["--model", str(path), "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--batch", "2"]
+    argv += ["--text-tokens", str(text), "--device", "cpu", "--quiet", "--json", str(out)]
+    argv += ["--methods", "visiondrop,random,fastv", "--budget", "0.3", "--budget-mode", "input"]
+    args = parser.parse_args(["bench", *argv])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    image = family_of("llava_onevision").bench_image(bench.bench_config(str(path)), 1, torch.Generator())
+    # 672 x 672 on the tiny pinpoints: a 3 x 3 grid of 12 x 12 cells, downscaled (anyres_max_3) to 6 x 6
+    assert result["image_tokens"] == image.tokens == 16 + 6 * 7
+    for r in [result["unpruned"], *result["results"]]:
+        schedule = build(r["method"], budget=0.3, budget_mode="input").schedule(
+            image.tokens, layers, image.grids
+        )
+        assert r["sequence_per_layer"] == [text + n for n in schedule.tokens_per_layer()]
+        assert r["kv_bytes"] == r["kv_bytes_analytic"] > 0
+        for key in ("prefill_speedup", "flops_ratio", "ttft_s", "tflops"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["method"], key, r[key])
+    arch = vf.ArchSpec.from_config(tiny_llava_onevision_config(layers=layers))
+    crops = image.inputs["pixel_values"].shape[1]
+    base = vf.prefill_flops(
+        arch,
+        visual_tokens_per_layer=image.tokens,
+        text_tokens=text,
+        vision_tokens=[image.vit_tokens] * crops,
+        lm_head_tokens=1,
+        batch_size=2,
+    )
+    assert result["unpruned"]["tflops"] == pytest.approx(base.tflops)
