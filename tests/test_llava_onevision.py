@@ -153,6 +153,15 @@ def test_onevision_cached_decode_equals_recomputation_with_exact_counts(ov, budg
         assert abs(schedule.layer_average - method.budget_tokens(n)) <= 1.5
 
 
+def test_onevision_processor_batch_num_images_of_ones_changes_nothing(ov):
+    """The processor passes ``batch_num_images`` (one image per prompt: ones); pruning takes it and drops it."""
+    batch = onevision_batch(ov)
+    with vd.VisionDrop(budget=0.3).apply(ov):
+        plain = generate(ov, batch, max_new_tokens=4)
+        ones = generate(ov, {**batch, "batch_num_images": torch.tensor([1, 1, 1])}, max_new_tokens=4)
+    assert torch.equal(plain, ones)
+
+
 def test_onevision_kept_tokens_carry_their_own_features(ov):
     """Dominant-only vision stage: what the LLM receives for each kept token (captured at the language model's input)
     is what the unpruned model gives that token's placeholder — a downscaled cell's downscaled projected feature."""

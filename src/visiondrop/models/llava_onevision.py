@@ -21,6 +21,9 @@ The policy visiondrop applies (documented in the README), LLaVA-NeXT's with thes
   projected features, not a projection of downscaled ViT features). Contextual tokens merge pre-projector vectors
   (``space="vision"``) or projected features (``space="projected"``), as on LLaVA-NeXT.
 - **newlines** are dropped by a pruned vision stage and kept by one that keeps everything, as on LLaVA-NeXT.
+- **cost report**: for a downscaled image a pruned vision stage still projects every crop (its kept cells need their
+  exact downscaled features), while ``run.report.flops`` counts the projector over the tokens the stage outputs, as on
+  LLaVA-NeXT: it undercounts the projector there (for the 7B at 672 x 672 the whole projector is 0.2 % of the prefill).
 - Images only: ``pixel_values_videos`` and several images per prompt (``batch_num_images`` above 1, where
   transformers gives each image its base view only) are refused with one line.
 """
@@ -216,7 +219,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     def _layout(
         self, image_size: tuple[int, int]
-    ) -> tuple[tuple[int, int], tuple[int, int, int, int, tuple]]:
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int, tuple[int, int]]]:
         """The image's tiles (nh, nw) and :func:`onevision_grid` of it."""
         from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
