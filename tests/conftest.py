@@ -114,3 +114,27 @@ def next_batch(model, sizes=NEXT_SIZES, side: str = "left", seed: int = 1) -> di
     batch["pixel_values"] = torch.randn(len(sizes), 5, 3, 56, 56, generator=gen)
     batch["image_sizes"] = torch.tensor(sizes)
     return batch
+
+
+#: On :func:`visiondrop.testing.tiny_llava_onevision`: one image whose 1 x 2 grid stays as it is (4 x 8 cells), one whose
+#: 2 x 2 grid AnyRes-Max downscales (8 x 8 -> 6 x 6), one whose 3 x 3 grid is unpadded and downscaled (12 x 10 -> 7 x 6).
+ONEVISION_SIZES = [(50, 100), (100, 100), (150, 120)]
+
+
+def onevision_batch(model, sizes=ONEVISION_SIZES, side: str = "left", seed: int = 1) -> dict:
+    """A ragged LLaVA-OneVision batch: one image; two images of other sizes; a prompt without an image."""
+    from visiondrop.testing import llava_onevision_placeholders
+
+    n = [llava_onevision_placeholders(model, s) for s in sizes]
+    rows = [
+        [BOS, 5, *[IMAGE_TOKEN] * n[0], 7, 8],
+        [BOS, 5, 6, *[IMAGE_TOKEN] * n[1], 3, *[IMAGE_TOKEN] * n[2], 9],
+        [BOS, 4, 4, 4],
+    ]
+    batch = make_batch(rows, side=side)
+    gen = torch.Generator().manual_seed(seed)
+    batch["pixel_values"] = torch.randn(
+        len(sizes), 10, 3, 56, 56, generator=gen
+    )  # padded: base + 3 x 3 tiles
+    batch["image_sizes"] = torch.tensor(sizes)
+    return batch

@@ -124,6 +124,18 @@ def _next_video():
     return model, batch
 
 
+def _onevision():
+    from conftest import onevision_batch
+    from visiondrop.testing import tiny_llava_onevision
+
+    model = tiny_llava_onevision()
+    batch = onevision_batch(model)
+    _warm(
+        model, batch, lambda: model.model.vision_tower(torch.randn(1, 3, 56, 56), output_hidden_states=True)
+    )
+    return model, batch
+
+
 #: family -> (builder, the README table's column)
 FAMILIES = {
     "llava-1.5": (_llava, "LLaVA-1.5"),
@@ -138,6 +150,7 @@ FAMILIES = {
         _next_video,
         "LLaVA-NeXT",
     ),  # its images are LLaVA-NeXT's; videos in tests/test_video.py
+    "llava-onevision": (_onevision, "LLaVA-OneVision"),
 }
 
 

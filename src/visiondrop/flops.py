@@ -116,6 +116,7 @@ SHIPPED_CONFIGS: tuple[str, ...] = (
     "qwen3-vl-8b",
     "internvl3-8b",
     "video-llava-7b",
+    "llava-onevision-7b",
 )
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -129,6 +130,7 @@ _HUB_ALIASES: dict[str, str] = {
     "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
     "OpenGVLab/InternVL3-8B-hf": "internvl3-8b",
     "LanguageBind/Video-LLaVA-7B-hf": "video-llava-7b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-7b",
 }
 
 #: Image size assumed for dynamic-resolution families when none is given: LLaVA-NeXT's largest grid (672 × 672, 2,928
@@ -217,9 +219,12 @@ class ArchSpec:
         ViT passes for one image at the highest resolution (1 for LLaVA-1.5; base view + 4 tiles = 5 for
         LLaVA-NeXT with the 672×672 pinpoint; 1 image for Qwen2-VL).
     image_grid_pinpoints : tuple of (int, int)
-        LLaVA-NeXT any-resolution grid, ``(height, width)`` pairs; empty for other families.
+        LLaVA-NeXT / LLaVA-OneVision any-resolution grid, ``(height, width)`` pairs; empty for other families.
     video_frames : int
         Frames of one video for video families (Video-LLaVA: 8); 0 otherwise.
+    anyres_max_patches : int
+        LLaVA-OneVision's AnyRes-Max cap (``anyres_max_9``: 9 base-view areas before the grid is downscaled); 0 for
+        other families.
     name : str
         Free-form label (the shipped config name when loaded with :func:`load_arch`).
     """
@@ -248,6 +253,7 @@ class ArchSpec:
     max_crops: int = 1
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     video_frames: int = 0
+    anyres_max_patches: int = 0
     name: str = ""
 
     @property

@@ -22,6 +22,7 @@ __all__ = [
     "internvl_inputs",
     "llava_next_placeholders",
     "llava_next_video_inputs",
+    "llava_onevision_placeholders",
     "qwen_inputs",
     "tiny_internvl",
     "tiny_internvl_config",
@@ -31,6 +32,8 @@ __all__ = [
     "tiny_llava_next_config",
     "tiny_llava_next_video",
     "tiny_llava_next_video_config",
+    "tiny_llava_onevision",
+    "tiny_llava_onevision_config",
     "tiny_qwen2_vl",
     "tiny_qwen2_vl_config",
     "tiny_video_llava",
@@ -152,6 +155,75 @@ def llava_next_placeholders(model, image_size: tuple[int, int]) -> int:
 
     return (
         LlavaNextAdapter(model)
+        .image_infos({"pixel_values": True, "image_sizes": torch.tensor([image_size])})[0]
+        .tokens
+    )
+
+
+def tiny_llava_onevision_config(
+    *, layers: int = 8, kv_heads: int = 2, attn: str = "sdpa", init: float = 0.3, max_patches: int = 3
+):
+    """A LLaVA-OneVision-shaped config: SigLIP (no [CLS]) crops of 56 px = 4 x 4 patches, AnyRes pinpoints up to
+    3 x 3 crops, ``anyres_max_{max_patches}`` (3: a grid of more than 1.1² x 3 base views is downscaled, so 2 x 2
+    and 3 x 3 grids are, 1 x 2 ones are not), an 8-layer Qwen2 LLM of width 64 with GQA."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        vision_use_head=False,
+        initializer_range=init,
+    )
+    text = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=100,
+        max_position_embeddings=4096,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=init,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO,
+        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56], [168, 168]],
+        vision_aspect_ratio=f"anyres_max_{max_patches}",
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_llava_onevision(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random :class:`~transformers.LlavaOnevisionForConditionalGeneration` from
+    :func:`tiny_llava_onevision_config`, in eval mode, with a visible ``image_newline``."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = (
+        LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config(**config_kwargs)).eval().to(dtype)
+    )
+    with torch.no_grad():
+        model.model.image_newline.normal_(0, 0.3)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def llava_onevision_placeholders(model, image_size: tuple[int, int]) -> int:
+    """Placeholder tokens LLaVA-OneVision gives an image of ``image_size`` (h, w), as its processor counts them."""
+    from .models.llava_onevision import LlavaOnevisionAdapter
+
+    return (
+        LlavaOnevisionAdapter(model)
         .image_infos({"pixel_values": True, "image_sizes": torch.tensor([image_size])})[0]
         .tokens
     )

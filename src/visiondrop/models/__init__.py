@@ -1,6 +1,15 @@
 """One adapter per model family: where the vision tower, feature layer, decoder layers and placeholders are."""
 
-from . import internvl, llava, llava_next, llava_next_video, qwen2_vl, qwen3_vl, video_llava  # noqa: F401  (registers the adapters)
+from . import (  # noqa: F401  (registers the adapters)
+    internvl,
+    llava,
+    llava_next,
+    llava_next_video,
+    llava_onevision,
+    qwen2_vl,
+    qwen3_vl,
+    video_llava,
+)
 from .base import ADAPTERS, ImageInfo, LLMTokens, ModelAdapter, TextStack, VisionTokens, get_adapter
 
 __all__ = ["ADAPTERS", "ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens", "get_adapter"]

@@ -101,7 +101,16 @@ def register_family(family: Family) -> Family:
 
 def _load() -> None:
     # The families are defined by the adapter modules: importing the package registers every one of them.
-    from . import internvl, llava, llava_next, llava_next_video, qwen2_vl, qwen3_vl, video_llava  # noqa: F401
+    from . import (  # noqa: F401  (registers the adapters)
+        internvl,
+        llava,
+        llava_next,
+        llava_next_video,
+        llava_onevision,
+        qwen2_vl,
+        qwen3_vl,
+        video_llava,
+    )
 
 
 def families() -> dict[str, Family]:

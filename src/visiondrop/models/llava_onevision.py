@@ -1,0 +1,452 @@
+"""LLaVA-OneVision images (``LlavaOnevisionForConditionalGeneration``): SigLIP crops, AnyRes-Max, Qwen2 LLM.
+
+How an image reaches the LLM unpruned (transformers 5.24 ``LlavaOnevisionModel.pack_image_features``): every crop
+(the base view of the whole image, then the ``nh x nw`` tiles of its AnyRes grid) goes through SigLIP, which has no
+[CLS] (``vision_feature_select_strategy="full"``: all 27 x 27 = 729 patches of a 384 px crop) and through the
+projector; the tiles are stitched into one ``nh*27 x nw*27`` grid, unpadded to the image's aspect ratio, and — the
+AnyRes-Max step — when that grid holds more than ``1.1**2 * max_num_patches`` base views (``vision_aspect_ratio``
+``"anyres_max_9"``: 9), it is bilinearly downscaled to ``int(h / ratio) x int(w / ratio)`` cells. One
+``image_newline`` token closes every row of that grid; the base view comes first, without newlines:
+``729 + H' * (W' + 1)`` placeholders.
+
+The policy visiondrop applies (documented in the README), LLaVA-NeXT's with these differences:
+
+- **granularity**: methods choose among the tokens the LLM receives — the base view's patches and the cells of the
+  high-resolution grid *after* unpadding and downscaling. A downscaled cell is a bilinear mix of projected patches;
+  its score, merge key and pre-projector vector are the same bilinear mix of its patches' (transformers' own
+  ``pack_image_features`` applied to them), so a cell is ranked by what it is made of.
+- **scoring**: no [CLS]: visual attention (the attention each patch receives from its own crop's patches) at the
+  feature layer, from that layer's own q/k; ``score="cls"``, VisionZip and VisPruner are refused with one line.
+- **kept tokens** carry exactly the feature the unpruned model gives them (a downscaled cell: the downscaled
+  projected features, not a projection of downscaled ViT features). Contextual tokens merge pre-projector vectors
+  (``space="vision"``) or projected features (``space="projected"``), as on LLaVA-NeXT.
+- **newlines** are dropped by a pruned vision stage and kept by one that keeps everything, as on LLaVA-NeXT.
+- **cost report**: for a downscaled image a pruned vision stage still projects every crop (its kept cells need their
+  exact downscaled features), while ``run.report.flops`` counts the projector over the tokens the stage outputs, as on
+  LLaVA-NeXT: it undercounts the projector there (for the 7B at 672 x 672 the whole projector is 0.2 % of the prefill).
+- Images only: ``pixel_values_videos`` and several images per prompt (``batch_num_images`` above 1, where
+  transformers gives each image its base view only) are refused with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import flops, ops
+from ..compat import selected_hidden_states, vision_encoder_layers
+from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .family import BenchImage, Family, register_family
+from .llava import clip_arch_fields, clip_vision_parts
+from .llava_next import _best_grid, _unpadded_window
+
+__all__ = ["DEFAULT_PINPOINTS", "FAMILY", "LlavaOnevisionAdapter", "OnevisionVisionTokens", "onevision_grid"]
+
+
+def _max_patches(aspect: Any) -> int:
+    """``"anyres_max_9"`` -> 9; ValueError naming the value otherwise."""
+    text = str(aspect)
+    if not text.startswith("anyres_max_") or not text[len("anyres_max_") :].isdigit():
+        raise ValueError(
+            f"vision_aspect_ratio={aspect!r}: visiondrop supports LLaVA-OneVision's 'anyres_max_N' (e.g. 'anyres_max_9')"
+        )
+    return int(text[len("anyres_max_") :])
+
+
+def onevision_grid(
+    image_size: tuple[int, int], tiles: tuple[int, int], side: int, max_patches: int
+) -> tuple[int, int, int, int, tuple[int, int]]:
+    """The high-resolution grid one image gives the LLM, as ``pack_image_features`` (transformers 5.24) builds it.
+
+    Parameters
+    ----------
+    image_size : (int, int)
+        Original height and width in pixels.
+    tiles : (int, int)
+        Crops ``(nh, nw)`` of the image's AnyRes grid.
+    side : int
+        Patches per crop side (27 for SigLIP at 384 px / 14).
+    max_patches : int
+        The ``N`` of ``anyres_max_N``: base-view areas the grid may hold before it is downscaled.
+
+    Returns
+    -------
+    (r0, r1, c0, c1, (rows, cols))
+        The unpadded window of the stitched ``nh*side x nw*side`` patch grid, and the grid's shape as the LLM
+        receives it (the window's shape, or the bilinearly downscaled one).
+    """
+    nh, nw = tiles
+    r0, r1, c0, c1 = _unpadded_window(image_size, nh * side, nw * side)
+    rows, cols = r1 - r0, c1 - c0
+    ratio = math.sqrt(rows * cols / (max_patches * side**2))
+    if ratio > 1.1:  # the same float arithmetic as transformers, so the counts agree with its processor
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return r0, r1, c0, c1, (rows, cols)
+
+
+class OnevisionVisionTokens(VisionTokens):
+    """One LLaVA-OneVision image at the granularity the LLM sees: base-view patches, then the high-resolution cells.
+
+    Attributes
+    ----------
+    hidden : Tensor, shape (1, n, Dv)
+        Pre-projector vector of every token (a downscaled cell: the bilinear mix of its patches' feature-layer
+        outputs).
+    image_size : (int, int)
+        The image's original height and width.
+    downscaled : bool
+        Whether AnyRes-Max downscaled the high-resolution grid (the cells are then mixes of patches).
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        scores: torch.Tensor,
+        keys: torch.Tensor,
+        placeholder: torch.Tensor,
+        grids: tuple[tuple[int, int], ...],
+        crops_hidden: torch.Tensor,
+        exact: Callable[[torch.Tensor], torch.Tensor],
+        image_size: tuple[int, int],
+        downscaled: bool,
+    ) -> None:
+        """
+        Parameters
+        ----------
+        scores : Tensor, shape (1, n)
+            Visual attention of every token (fp32).
+        keys : Tensor, shape (1, n, d)
+            Feature-layer keys averaged over heads.
+        placeholder : LongTensor, shape (n,)
+            Placeholder offset of every token in the unpruned image run (newlines skipped).
+        crops_hidden : Tensor, shape (C, P, Dv)
+            Feature-layer output of the image's crops (base view first).
+        exact : callable
+            ``crops_hidden -> (1, n, D)``: the projected features the LLM receives unpruned (without the newlines).
+        """
+        super().__init__(hidden, has_cls=False, grids=grids)
+        self._scores = scores
+        self._keys = keys
+        self._placeholder = placeholder
+        self.crops_hidden = crops_hidden
+        self._exact = exact
+        self.image_size = image_size
+        self.downscaled = downscaled
+
+    @cached_property
+    def placeholder_offset(self) -> torch.Tensor:
+        return self._placeholder
+
+    def visual_attention(self) -> torch.Tensor:
+        return self._scores
+
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    def projected(self) -> torch.Tensor:
+        return self.exact_features
+
+    @cached_property
+    def exact_features(self) -> torch.Tensor:
+        """(1, n, D): every token's LLM input feature as the unpruned model computes it."""
+        return self._exact(self.crops_hidden)
+
+
+@register_adapter
+class LlavaOnevisionAdapter(ModelAdapter):
+    """``LlavaOnevisionForConditionalGeneration`` (llava-hf/llava-onevision-qwen2-7b-ov-hf, ...), images only."""
+
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    family = "LLaVA-OneVision"
+    has_cls = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = self.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int)"
+            )
+        if cfg.vision_feature_select_strategy != "full":
+            raise ValueError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: visiondrop supports "
+                "'full' on LLaVA-OneVision (SigLIP has no [CLS] to drop)"
+            )
+        self.max_patches = _max_patches(cfg.vision_aspect_ratio)
+        vision = cfg.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.crop_pixels = vision.image_size
+        layers = vision_encoder_layers(model.model.vision_tower)
+        index = layer % (len(layers) + 1)
+        if index == 0:
+            raise ValueError(
+                f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
+            )
+        self.feature_index = index
+        self.scoring_layer = layers[index - 1]
+
+    @cached_property
+    def text(self) -> TextStack:
+        return TextStack(self.model.model.language_model)
+
+    def vision_kwargs(self) -> tuple[str, ...]:
+        return ("pixel_values", "image_sizes", "batch_num_images")
+
+    def check_call(self, kwargs: dict) -> None:
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError(
+                "pixel_values_videos: visiondrop prunes images only; video inputs are not supported"
+            )
+        per_prompt = kwargs.get("batch_num_images")
+        if per_prompt is not None and any(int(n) > 1 for n in torch.as_tensor(per_prompt).flatten().tolist()):
+            raise ValueError(
+                f"batch_num_images={torch.as_tensor(per_prompt).tolist()}: visiondrop supports one image per prompt "
+                "on LLaVA-OneVision (several images get their base view only, a layout it does not prune)"
+            )
+        for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+            value = kwargs.get(name)
+            if value is not None and value != getattr(self.config, name):
+                raise ValueError(
+                    f"{name}={value!r} differs from the model config's {getattr(self.config, name)!r}: "
+                    "visiondrop prunes with the config's value; set it on the config instead"
+                )
+
+    def _layout(
+        self, image_size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int, tuple[int, int]]]:
+        """The image's tiles (nh, nw) and :func:`onevision_grid` of it."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+        tiles = get_anyres_image_grid_shape(
+            list(image_size), self.config.image_grid_pinpoints, self.crop_pixels
+        )
+        return tiles, onevision_grid(image_size, tiles, self.side, self.max_patches)
+
+    def image_infos(self, kwargs: dict) -> list[ImageInfo]:
+        if kwargs.get("pixel_values") is None:
+            return []
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(
+                "image_sizes is missing: LLaVA-OneVision needs each image's size (the processor returns it)"
+            )
+        base = self.side * self.side
+        infos = []
+        for size in torch.as_tensor(sizes).tolist():
+            (nh, nw), (*_, (rows, cols)) = self._layout(tuple(size))
+            infos.append(
+                ImageInfo(
+                    tokens=base + rows * (cols + 1),
+                    grids=((self.side, self.side), (rows, cols)),
+                    vit_tokens=(base,) * (1 + nh * nw),
+                    newlines=(False, True),
+                )
+            )
+        return infos
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(hidden)
+
+    def _pack(
+        self, crops: torch.Tensor, size: tuple[int, int], newline: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(C, P, X) values of one image's crops -> (n, X) in the LLM's token order, by transformers' own packing.
+
+        Its stitching, unpadding and bilinear downscale act channel-wise, so scores (X = 1), keys and pre-projector
+        vectors are packed exactly as the projected features are.
+        """
+        packed, _ = self.model.model.pack_image_features(
+            [crops],
+            torch.tensor([size]),
+            image_newline=newline,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+        )
+        return packed[0]
+
+    def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
+        pixel_values = kwargs["pixel_values"]
+        sizes = [tuple(s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
+        layouts = [self._layout(size) for size in sizes]
+        counts = [1 + nh * nw for (nh, nw), _ in layouts]
+        if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded with unused crops
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts, strict=True)])
+        tower = self.model.model.vision_tower
+        layer_input, layer_output = selected_hidden_states(
+            tower, pixel_values, [self.feature_index - 1, self.feature_index]
+        )
+        attn = self.scoring_layer.self_attn
+        normed = self.scoring_layer.layer_norm1(layer_input)
+        shape = (*normed.shape[:-1], attn.num_heads, attn.head_dim)
+        q = attn.q_proj(normed).view(shape).transpose(1, 2)
+        k = attn.k_proj(normed).view(shape).transpose(1, 2)  # (crops, H, P, d)
+        crops, _, patches, _ = q.shape
+        # No [CLS]: every patch is scored by the attention it receives from its own crop's patches.
+        scores = ops.visual_attention(
+            q,
+            k,
+            None,
+            torch.arange(patches, device=q.device).expand(crops, -1),
+            causal=False,
+            scale=attn.scale,
+        )  # (crops, P) fp32
+        keys = k.mean(1)  # (crops, P, d)
+        groups = []
+        start = 0
+        for image, (size, count, (_, (r0, r1, c0, c1, (rows, cols)))) in enumerate(
+            zip(sizes, counts, layouts, strict=True)
+        ):
+            part = slice(start, start + count)
+            start += count
+            hidden = layer_output[part]
+            packed_hidden = self._pack(hidden, size)
+            downscaled = (rows, cols) != (r1 - r0, c1 - c0)
+            tokens = OnevisionVisionTokens(
+                packed_hidden[None],
+                self._pack(scores[part, :, None], size)[None, :, 0],
+                self._pack(keys[part], size)[None],
+                self._placeholders(rows, cols).to(hidden.device),
+                ((self.side, self.side), (rows, cols)),
+                hidden,
+                lambda crops, size=size: self._pack(self._project(crops), size)[None],
+                size,
+                downscaled,
+            )
+            groups.append(([image], tokens))
+        return groups
+
+    def _placeholders(self, rows: int, cols: int) -> torch.Tensor:
+        """Placeholder offset of every token: the base view's patches, then each cell skipping the row newlines."""
+        base = self.side * self.side
+        cell = torch.arange(rows * cols)
+        return torch.cat([torch.arange(base), base + (cell // cols) * (cols + 1) + cell % cols])
+
+    def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
+        if selection is None:  # exactly what transformers packs: projected, unpadded, downscaled, newlines in
+            crops = self._project(tokens.crops_hidden)
+            return self._pack(crops, tokens.image_size, self.model.model.image_newline)[None]
+        if selection.space == "projected":
+            return selection.apply(tokens.projected())
+        if not tokens.downscaled:  # every token is one patch: the projector commutes with the selection
+            return self._project(selection.apply(tokens.hidden))
+        # Kept tokens carry their exact (downscaled, projected) features; contextual ones merge pre-projector mixes.
+        exact = tokens.projected()
+        kept = exact.gather(1, selection.keep[..., None].expand(-1, -1, exact.shape[-1]))
+        if selection.anchors is None:
+            return kept
+        merged = ops.merge_groups(tokens.hidden, selection.anchors, selection.assign, selection.merge)
+        return torch.cat([kept, self._project(merged)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the family, for the tools that cost or build a model without hooking it (flops, `visiondrop flops`, bench)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: transformers' default ``image_grid_pinpoints`` of LLaVA-OneVision (5.24): every ``(h, w)`` of 1..6 x 1..6 tiles of
+#: 384 px (used when a config leaves them out).
+DEFAULT_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
+    (384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)
+)
+
+
+def _arch_fields(
+    data: Mapping[str, Any], vision: Mapping[str, Any], llm: Mapping[str, int]
+) -> dict[str, Any]:
+    """The SigLIP tower (no [CLS]; ``"full"``: all 729 patches of a crop reach the projector) run once per crop.
+
+    The projector runs on every crop's patches before AnyRes-Max downscales them (its cost does not shrink).
+    """
+    data = {"vision_feature_select_strategy": "full", "vision_feature_layer": -1, **data}
+    fields = clip_arch_fields(data, vision, llm)
+    pinpoints = tuple((int(h), int(w)) for h, w in (data.get("image_grid_pinpoints") or DEFAULT_PINPOINTS))
+    crop = fields["image_size"]
+    fields["image_grid_pinpoints"] = pinpoints
+    fields["max_crops"] = 1 + max((h // crop) * (w // crop) for h, w in pinpoints)
+    fields["anyres_max_patches"] = _max_patches(data.get("vision_aspect_ratio", "anyres_max_9"))
+    return fields
+
+
+def llava_onevision_image_tokens(arch: flops.ArchSpec, height: int, width: int) -> tuple[int, int]:
+    """ViT crops and LLM image tokens of LLaVA-OneVision for an image of ``height × width`` pixels.
+
+    The AnyRes pinpoint that keeps the most of the image's pixels (ties: the least padding) gives ``nh × nw`` tiles;
+    the stitched patch grid is unpadded to the image's aspect ratio and, past ``1.1² · N`` base-view areas
+    (``anyres_max_N``), bilinearly downscaled (:func:`onevision_grid`); one newline closes each row; the base view's
+    729 patches come first.
+
+    Returns
+    -------
+    (int, int)
+        ``(crops, image_tokens)``. The shipped config gives ``(5, 3699)`` for 672 × 672 (a 2 × 2 grid, 54 × 54
+        cells, no downscale) and ``(37, 7371)`` for 2304 × 2304 (6 × 6 tiles, 162 × 162 cells downscaled to 81 × 81).
+    """
+    if arch.family != "llava_onevision" or arch.image_size is None or arch.image_features_per_crop is None:
+        raise ValueError(
+            f"llava_onevision_image_tokens needs a llava_onevision architecture, got {arch.family!r}"
+        )
+    height, width = flops._count(height, "height"), flops._count(width, "width")
+    if height == 0 or width == 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    grid_h, grid_w = _best_grid(arch.image_grid_pinpoints, height, width)
+    tiles = (grid_h // arch.image_size, grid_w // arch.image_size)
+    side = arch.image_size // arch.patch_size
+    *_, (rows, cols) = onevision_grid((height, width), tiles, side, arch.anyres_max_patches)
+    return 1 + tiles[0] * tiles[1], arch.image_features_per_crop + rows * (cols + 1)
+
+
+def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> flops.ImageShape:
+    """The base view, the (downscaled) high-resolution grid and its newlines of one ``size`` image (default 672²)."""
+    height, width = size or flops.DEFAULT_IMAGE_SIZE
+    crops, tokens = llava_onevision_image_tokens(arch, height, width)
+    per_crop = arch.vit_tokens_per_crop or 0
+    return flops.ImageShape(
+        tokens=tokens,
+        vit_tokens=(per_crop,) * crops,
+        grids=None,
+        size=(height, width),
+        description=(
+            f"{tokens} visual tokens for a {height}x{width} image (base view + high-resolution grid, AnyRes-Max "
+            f"{arch.anyres_max_patches} + newlines; {crops} SigLIP passes of {per_crop} tokens)"
+        ),
+    )
+
+
+def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
+    """One 672 × 672 image per row (for LLaVA-OneVision-7B: 5 crops, 3,699 tokens), as the processor gives it."""
+    vision = config.vision_config
+    crop = vision.image_size
+    side = crop // vision.patch_size
+    height, width = flops.DEFAULT_IMAGE_SIZE
+    pinpoints = tuple(tuple(int(v) for v in p) for p in config.image_grid_pinpoints)
+    grid_h, grid_w = _best_grid(pinpoints, height, width)
+    tiles = (grid_h // crop, grid_w // crop)
+    *_, (rows, cols) = onevision_grid((height, width), tiles, side, _max_patches(config.vision_aspect_ratio))
+    tokens = side * side + rows * (cols + 1)
+    pixels = torch.randn(batch, 1 + tiles[0] * tiles[1], 3, crop, crop, generator=generator)
+    return BenchImage(
+        inputs={"pixel_values": pixels, "image_sizes": torch.tensor([[height, width]] * batch)},
+        placeholders=[int(config.image_token_id)] * tokens,
+        image_flags=[True] * tokens,
+        tokens=tokens,
+        grids=((side, side), (rows, cols)),
+        vit_tokens=side * side,
+    )
+
+
+FAMILY = register_family(
+    Family(
+        name=LlavaOnevisionAdapter.family,
+        model_types=("llava_onevision",),
+        model_classes=LlavaOnevisionAdapter.model_classes,
+        has_cls=LlavaOnevisionAdapter.has_cls,
+        arch_fields=_arch_fields,
+        image_shape=_image_shape,
+        bench_image=_bench_image,
+        vision_parts=clip_vision_parts,
+    )
+)
