@@ -206,6 +206,11 @@ def test_the_command_draws_accuracy_vs_ttft(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "for a at budget 32" in err
+    # --budgets leaves the unmeasured budget out
+    assert (
+        main([*argv[:3], str(benches[0]), "--positions", "preserve", "--budgets", "64", "--out", str(out)])
+        == 0
+    )
     # not a bench file; --positions without --ttft
     assert main(["plot", str(source), "--ttft", str(source), "--out", str(out)]) == 2
     assert "not a `visiondrop bench --json` file" in capsys.readouterr().err

@@ -23,6 +23,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .common import parse_budget
+
 __all__ = ["add_parser", "draw_accuracy_vs_flops", "draw_accuracy_vs_ttft", "points", "ttft_points"]
 
 #: ``{(method, policy): [(x %, accuracy, budget), ...]}``, one list per line of the picture.
@@ -280,10 +282,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
                     f"--ttft {path}: not a `visiondrop bench --json` file (no 'unpruned' and 'results')"
                 )
         policies = [p.strip() for p in args.positions.split(",")] if args.positions else None
+        if args.budgets:
+            wanted = {float(parse_budget(b, "--budgets")) for b in args.budgets.split(",") if b.strip()}
+            rows = [r for r in rows if r["method"] == "none" or float(r["budget"]) in wanted]
         image = draw_accuracy_vs_ttft(rows, benches, title=args.title or "", positions=policies)
     else:
-        if args.positions:
-            raise ValueError("--positions selects points of the --ttft picture; give --ttft BENCH.json too")
+        if args.positions or args.budgets:
+            raise ValueError(
+                "--positions and --budgets select points of the --ttft picture; give --ttft BENCH.json too"
+            )
         image = draw_accuracy_vs_flops(rows, title=args.title or "")
     out = Path(args.out or ("accuracy_vs_ttft.png" if args.ttft else "accuracy_vs_flops.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +318,7 @@ def add_parser(subparsers: Any) -> None:
         "--positions",
         help="with --ttft: draw only these position policies (e.g. preserve; comma-separated)",
     )
+    plot.add_argument("--budgets", help="with --ttft: draw only these budgets (e.g. 192,64; comma-separated)")
     plot.add_argument(
         "--out", help="PNG to write (default accuracy_vs_flops.png, or accuracy_vs_ttft.png with --ttft)"
     )
