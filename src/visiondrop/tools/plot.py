@@ -92,8 +92,8 @@ def ttft_points(
     Returns
     -------
     series : dict
-        ``{(method, policy): [(ttft %, accuracy, budget), ...]}``: ttft % = 100 x the method's median time to first
-        token / the unpruned model's in the same bench run.
+        ``{(method, policy): [(ttft %, accuracy, budget), ...]}`` in budget order: ttft % = 100 x the method's
+        median time to first token / the unpruned model's in the same bench run.
     spread : dict
         ``{(method, policy, budget): (lowest %, highest %)}`` of the per-round ratios.
 
@@ -143,8 +143,8 @@ def ttft_points(
         series.setdefault((label, policy), []).append((x, row["accuracy"], row["budget"]))
         if rounds:
             spread[(label, policy, row["budget"])] = (min(rounds), max(rounds))
-    for line in series.values():
-        line.sort()
+    for line in series.values():  # joined in budget order: measured times need not fall with the budget
+        line.sort(key=lambda point: float(point[2]))
     return series, spread
 
 
