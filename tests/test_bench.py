@@ -285,3 +285,48 @@ def test_wired_into_the_cli(tiny_config: Path, capsys: pytest.CaptureFixture[str
         pytest.skip("visiondrop.tools.cli does not register the bench command yet")
     assert status == 2
     assert "--batch must be" in capsys.readouterr().err
+
+
+def test_position_policy_and_fields_are_recorded(result: dict) -> None:
+    """Each result says its position policy on this model (``auto`` resolved) and the fields set on it."""
+    policies = {r["method"]: r["positions"] for r in result["results"]}
+    # VisionDrop's default is preserve; fastv's and visionzip's "auto" is compact on LLaVA's 1-D RoPE
+    assert policies == {"visiondrop": "preserve", "fastv": "compact", "visionzip": "compact"}
+    assert all(r["fields"] == {} for r in result["results"])
+    assert result["unpruned"]["positions"] is None and result["unpruned"]["fields"] == {}
+
+
+def test_method_specs_with_fields(tiny_config: Path, tmp_path: Path) -> None:
+    """``--methods name:key=value`` measures variants side by side; a spec's fields win over ``--set``."""
+    out = tmp_path / "b.json"
+    args = bench_command(
+        *quick(
+            tiny_config,
+            "--methods",
+            "visiondrop,visiondrop:anchors=farthest,visiondrop:positions=compact:boundaries=,visionzip",
+            "--budget",
+            "24",
+            "--set",
+            "positions=preserve",
+        ),
+        "--json",
+        str(out),
+    )
+    assert args.func(args) == 0
+    data = json.loads(out.read_text())
+    got = [(r["method"], r["positions"], r["fields"]) for r in data["results"]]
+    assert got == [
+        ("visiondrop", "preserve", {"positions": "preserve"}),
+        ("visiondrop:anchors=farthest", "preserve", {"positions": "preserve", "anchors": "farthest"}),
+        ("visiondrop:positions=compact:boundaries=", "compact", {"positions": "compact", "boundaries": []}),
+        ("visionzip", "preserve", {"positions": "preserve"}),
+    ]
+    # the variant ran its own schedule: no in-LLM stage, so 24 tokens at every layer
+    no_stages = data["results"][2]
+    assert no_stages["sequence_per_layer"] == [TEXT + 24] * LAYERS
+    assert data["results"][0]["sequence_per_layer"] != no_stages["sequence_per_layer"]
+    # a field the method lacks: one line naming it, before any model is built
+    args = bench_command(*quick(tiny_config, "--methods", "visiondrop:colour=red"))
+    with pytest.raises(TypeError, match=r"visiondrop has no field.*colour") as info:
+        args.func(args)
+    assert "\n" not in str(info.value)

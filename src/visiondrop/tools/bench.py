@@ -48,6 +48,7 @@ import torch
 from .. import flops
 from ..compat import no_init_weights
 from ..methods import build, method_class
+from ..models.base import get_adapter
 from ..models.family import family_of
 from . import common
 from .common import add_model_options, format_bytes, parse_budget, parse_settings
@@ -101,18 +102,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
-    """``"visiondrop,fastv"`` -> registry names, checked (ValueError naming the available ones otherwise)."""
-    names = text.split(",") if isinstance(text, str) else list(text)
+    """``"visiondrop,visiondrop:anchors=farthest,fastv"`` -> method specs, checked, as their labels.
+
+    A spec is a registry name, optionally with fixed fields after ``:`` as in ``visiondrop eval --methods``
+    (``visiondrop:anchors=farthest``, tuple items with ``/``); the labels are :class:`MethodSpec` labels, so one
+    variant measured by ``bench`` and evaluated by ``eval`` carries the same name. ValueError naming the spec for an
+    unknown name or a malformed setting.
+    """
+    from .evaluation import parse_method_spec
+
+    items = text.split(",") if isinstance(text, str) else list(text)
     out = []
-    for raw in names:
-        name = raw.strip().lower()
-        if not name:
+    for raw in items:
+        if not raw.strip():
             continue
-        method_class(name)  # ValueError for an unknown name
-        if name == "none":
+        spec = parse_method_spec(raw)  # ValueError for an unknown name or a bad setting
+        if spec.name == "none":
             raise ValueError("--methods: the unpruned model is always measured; leave 'none' out")
-        if name not in out:
-            out.append(name)
+        if spec.label not in out:
+            out.append(spec.label)
     if not out:
         raise ValueError(f"--methods {text!r}: give at least one method name (see `visiondrop methods`)")
     return out
@@ -533,12 +541,16 @@ class _Samples:
 class MethodResult:
     """One configuration's medians and counts (the unpruned baseline has ``method == "none"``).
 
-    Times are medians over the timed rounds; ratios are against the unpruned baseline of the same run.
+    ``method`` is the spec's label (``visiondrop:anchors=farthest``), ``fields`` the fields set on it (the spec's
+    and ``--set``'s), ``positions`` its position policy on this model (``auto`` resolved). Times are medians over
+    the timed rounds; ratios are against the unpruned baseline of the same run.
     """
 
     method: str
     budget: int | float | None
     budget_mode: str | None
+    positions: str | None
+    fields: dict[str, Any]
     schedule: str
     input_count: int
     layer_average: float
@@ -618,7 +630,7 @@ class BenchResult:
             decode = "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
             rows.append(
                 [
-                    "unpruned" if r.method == "none" else r.method,
+                    "unpruned" if r.method == "none" else f"{r.method} ({r.positions})",
                     "-" if r.budget is None else f"{r.budget} ({r.budget_mode})",
                     f"{r.input_count} -> {r.layer_average:.1f} -> {r.final_count}",
                     _seconds(r.ttft_s),
@@ -652,6 +664,11 @@ class BenchResult:
             *self.notes,
         ]
         return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """A field value as JSON keeps it (tuples as lists)."""
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _seconds(value: float) -> str:
@@ -706,7 +723,8 @@ def run_bench(
         A shipped config (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-next-7b``, ``qwen2-vl-7b``) or a path to a
         ``config.json`` of a supported family.
     methods : sequence of str
-        Registry names to measure next to the unpruned model.
+        Methods to measure next to the unpruned model: registry names, optionally with fixed fields as in
+        ``visiondrop eval`` (``visiondrop:anchors=farthest``); a spec's fields win over ``settings``.
     budget, budget_mode, settings
         Passed to :func:`visiondrop.build` for every method (``settings``: other fields, applied to the methods
         that have them).
@@ -748,23 +766,31 @@ def run_bench(
     image = family_of(config.model_type).bench_image(config, 1, torch.Generator())
     image_tokens, grids = image.tokens, image.grids
 
-    # Every method and its schedule on this (possibly truncated) model, before the slow part.
+    # Every method and its schedule on this (possibly truncated) model, before the slow part. A spec's own fields
+    # (``visiondrop:anchors=farthest``) win over ``--set``, which applies to every method that has the field.
+    from .evaluation import parse_method_spec
+
+    specs = {name: parse_method_spec(name) for name in names}
     extra = dict(settings or {})
-    known = {f.name for name in names for f in dataclasses.fields(method_class(name)) if f.init}
+    known = {f.name for spec in specs.values() for f in dataclasses.fields(method_class(spec.name)) if f.init}
     unknown = sorted(set(extra) - known)
     if unknown:
         raise ValueError(f"--set {', '.join(unknown)}: none of {', '.join(names)} has such a field")
     pruners = {}
-    for name in names:
-        accepted = {f.name for f in dataclasses.fields(method_class(name)) if f.init}
+    fixed: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        accepted = {f.name for f in dataclasses.fields(method_class(spec.name)) if f.init}
         fields = {k: v for k, v in extra.items() if k in accepted}
+        fields.update(spec.fields)
+        fixed[name] = dict(fields)
         fields.update(budget=budget, budget_mode=budget_mode)
-        pruner = build(name, **fields)
+        pruner = build(spec.name, **fields)
         pruner.schedule(image_tokens, num_layers, grids)
         pruners[name] = pruner
 
     logger.info("building the random %s model (%d LLM layers, %s, %s)", model, num_layers, dtype, target)
     net = random_model(config, dtype=torch_dtype, device=target, seed=seed)
+    adapter = get_adapter(net)
     inputs = make_inputs(
         config, batch=batch, text_tokens=text_tokens, dtype=torch_dtype, device=target, seed=seed + 1
     )
@@ -865,6 +891,8 @@ def run_bench(
             method=name,
             budget=None if pruner is None else pruner.budget,
             budget_mode=None if pruner is None else pruner.budget_mode,
+            positions=None if pruner is None else pruner.position_policy(adapter),
+            fields={} if pruner is None else {k: _jsonable(v) for k, v in fixed[name].items()},
             schedule=schedule.describe(),
             input_count=schedule.input_count,
             layer_average=schedule.layer_average,
@@ -970,7 +998,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--methods",
         default="visiondrop",
-        help="comma-separated registry names measured next to the unpruned model (default visiondrop)",
+        help="comma-separated methods measured next to the unpruned model, each a registry name optionally with "
+        "fields as in `eval` (visiondrop:anchors=farthest); default visiondrop",
     )
     parser.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
