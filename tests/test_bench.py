@@ -330,3 +330,26 @@ def test_method_specs_with_fields(tiny_config: Path, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"visiondrop has no field.*colour") as info:
         args.func(args)
     assert "\n" not in str(info.value)
+
+
+def test_video_llava_images_through_the_shared_clip_bench_image(tmp_path: Path) -> None:
+    """Video-LLaVA's bench images go through its image tower with LLaVA-1.5's ``clip_bench_image`` (one [CLS] + 16
+    patches at 56 px on the tiny config); the counts are the schedule's."""
+    from visiondrop.models.family import family_of
+    from visiondrop.testing import tiny_video_llava_config
+
+    config = tiny_video_llava_config(layers=LAYERS)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "bench.json"
+    args = bench_command(
+        *quick(path, "--methods", "visiondrop", "--budget", "0.5"), "--repeats", "1", "--json", str(out)
+    )
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    image = family_of("video_llava").bench_image(bench.bench_config(str(path)), 1, torch.Generator())
+    assert (image.tokens, image.vit_tokens) == (16, 17)
+    assert result["image_tokens"] == 16
+    (pruned,) = result["results"]
+    schedule = build("visiondrop", budget=0.5).schedule(16, LAYERS, image.grids)
+    assert pruned["sequence_per_layer"] == [TEXT + n for n in schedule.tokens_per_layer()]

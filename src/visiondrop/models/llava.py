@@ -14,7 +14,14 @@ from ..compat import selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 
-__all__ = ["FAMILY", "ClipVisionTokens", "LlavaAdapter", "clip_arch_fields", "clip_vision_parts"]
+__all__ = [
+    "FAMILY",
+    "ClipVisionTokens",
+    "LlavaAdapter",
+    "clip_arch_fields",
+    "clip_bench_image",
+    "clip_vision_parts",
+]
 
 
 class ClipVisionTokens(VisionTokens):
@@ -207,8 +214,9 @@ def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> f
     )
 
 
-def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
-    """One 336 px (the config's size) image per row: 576 placeholders, ``pixel_values`` (B, 3, S, S)."""
+def clip_bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
+    """One image of the config's size per row (LLaVA-1.5: 336 px, 576 placeholders; Video-LLaVA's image tower: 224 px,
+    256), ``pixel_values`` (B, 3, S, S); the tower sees its [CLS] too."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
@@ -236,7 +244,7 @@ FAMILY = register_family(
         has_cls=LlavaAdapter.has_cls,
         arch_fields=clip_arch_fields,
         image_shape=_image_shape,
-        bench_image=_bench_image,
+        bench_image=clip_bench_image,
         vision_parts=clip_vision_parts,
     )
 )

@@ -32,8 +32,8 @@ from torch import nn
 from .. import flops, ops
 from ..compat import selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
-from .family import BenchImage, Family, register_family
-from .llava import ClipVisionTokens, clip_arch_fields
+from .family import Family, register_family
+from .llava import ClipVisionTokens, clip_arch_fields, clip_bench_image
 
 __all__ = ["FAMILY", "ClipVideoTokens", "VideoLlavaAdapter"]
 
@@ -325,21 +325,6 @@ def _image_shape(arch: flops.ArchSpec, size: tuple[int, int] | None = None) -> f
     )
 
 
-def _bench_image(config: Any, batch: int, generator: torch.Generator) -> BenchImage:
-    """One image per row through ``image_tower`` (256 placeholders at 224 px), ``pixel_values`` (B, 3, S, S)."""
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
-    return BenchImage(
-        inputs={"pixel_values": pixels},
-        placeholders=[int(config.image_token_id)] * (side * side),
-        image_flags=[True] * (side * side),
-        tokens=side * side,
-        grids=((side, side),),
-        vit_tokens=side * side + 1,
-    )
-
-
 def _vision_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     """The image tower's encoder layers and the projector (what the bench's images run through)."""
     inner = model.model
@@ -354,7 +339,7 @@ FAMILY = register_family(
         has_cls=VideoLlavaAdapter.has_cls,
         arch_fields=_arch_fields,
         image_shape=_image_shape,
-        bench_image=_bench_image,
+        bench_image=clip_bench_image,
         vision_parts=_vision_parts,
     )
 )
