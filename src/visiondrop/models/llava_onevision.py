@@ -1,4 +1,4 @@
-"""LLaVA-OneVision images (``LlavaOnevisionForConditionalGeneration``): SigLIP crops, AnyRes-Max, Qwen2 LLM.
+"""LLaVA-OneVision images and videos (``LlavaOnevisionForConditionalGeneration``): SigLIP crops, AnyRes-Max, Qwen2 LLM.
 
 How an image reaches the LLM unpruned (transformers 5.24 ``LlavaOnevisionModel.pack_image_features``): every crop
 (the base view of the whole image, then the ``nh x nw`` tiles of its AnyRes grid) goes through SigLIP, which has no
@@ -242,7 +242,7 @@ class OnevisionVideoTokens(VisionTokens):
 
 @register_adapter
 class LlavaOnevisionAdapter(ModelAdapter):
-    """``LlavaOnevisionForConditionalGeneration`` (llava-hf/llava-onevision-qwen2-7b-ov-hf, ...), images only."""
+    """``LlavaOnevisionForConditionalGeneration`` (llava-hf/llava-onevision-qwen2-7b-ov-hf, ...): images and videos."""
 
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     family = "LLaVA-OneVision"
