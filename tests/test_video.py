@@ -325,7 +325,18 @@ def test_kept_tokens_carry_their_features_and_positions(family, pool):
         pytest.skip("Qwen3-VL's timestamps split a video's placeholders: pool='video' is refused there")
     full, _ = _llm_inputs(model, batch)
     # Dropped, never merged: every token is a kept one; preserve: each keeps its own position (1-D RoPE too).
-    method = vd.build("divprune", budget=2, pool=pool, positions="preserve")
+    methods = [
+        vd.build("divprune", budget=2, pool=pool, positions="preserve")
+    ]  # selects in the projected space
+    if (
+        key == "llava-onevision"
+    ):  # a vision-space selection: kept windows still carry their exact (pooled) features
+        methods.append(vd.VisionDrop(stages=[(2, 0)], pool=pool, positions="preserve"))
+    for method in methods:
+        _check_kept_features(model, batch, pool, full, method)
+
+
+def _check_kept_features(model, batch, pool: str, full: dict, method) -> None:
     pruned, report = _llm_inputs(model, batch, method)
     adapter = get_adapter(model)
     adapter.pool = pool
@@ -548,3 +559,41 @@ def test_llava_onevision_scores_the_pooled_windows_the_llm_sees():
             with_newline = adapter.features(tokens, None)[0]
             expected = reference[video, frame * 4 : frame * 4 + 4 + (frame == FRAMES - 1)]
             torch.testing.assert_close(with_newline, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_onevision_contextual_video_tokens_merge_pooled_vectors():
+    """A merged OneVision video token (captured at the LLM input) = projector(anchor + mean(members)) of the pooled
+    windows' pre-projector vectors, with the anchor and members the report gives; a dominant one is its exact
+    (projected, then pooled) feature; the pruned unit that ends a video drops the video's newline."""
+    from visiondrop.models.llava_onevision import OnevisionVideoTokens
+
+    model, batch = _built("llava-onevision")
+    adapter = get_adapter(model)
+    adapter.pool = "frame"
+    with torch.no_grad():
+        units = [t for _, t in adapter.encode(batch) if isinstance(t, OnevisionVideoTokens)]
+    seen, report = _llm_inputs(model, batch, vd.VisionDrop(stages=[(2, 1)], pool="frame"))
+    frames = [im for im in report.images if im.video is not None]
+    assert [im.stages[0].tokens for im in frames] == [3] * (2 * FRAMES)
+    video_rows = [0, 2]  # ROWS: video 0 in row 0, video 1 in row 2
+    checked = 0
+    for unit, (tokens, im) in enumerate(zip(units, frames, strict=True)):
+        video, frame = divmod(unit, FRAMES)
+        row = video_rows[video]
+        columns = (seen["ids"][row] == model.config.video_token_id).nonzero().flatten()
+        assert len(columns) == 3 * FRAMES  # no newline survives a pruned last frame
+        got = seen["embeds"][row][columns[3 * frame : 3 * frame + 3]]
+        view = im.stages[0]
+        owner = torch.tensor(view.patch_owner)
+        for slot in range(3):
+            anchor = view.token_patch[slot]
+            if slot < 2:
+                want = tokens.projected()[0, anchor]
+            else:
+                members = [p for p in (owner == slot).nonzero().flatten().tolist() if p != anchor]
+                vector = tokens.hidden[0, anchor] + (tokens.hidden[0, members].mean(0) if members else 0)
+                with torch.no_grad():
+                    want = model.model.multi_modal_projector(vector)
+            torch.testing.assert_close(got[slot], want, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == 3 * 2 * FRAMES
