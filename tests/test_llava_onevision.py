@@ -258,7 +258,10 @@ def test_onevision_refusals(ov):
             pass
         assert needle in str(err.value) and "\n" not in str(err.value)
     cases = [
-        ({"pixel_values_videos": torch.zeros(1, 2, 3, 56, 56)}, "video inputs are not supported"),
+        (
+            {"pixel_values_videos": torch.zeros(2, 3, 56, 56)},
+            "pixel_values_videos of shape (2, 3, 56, 56): LLaVA-OneVision takes (videos, frames, 3, H, W)",
+        ),
         (
             {"batch_num_images": torch.tensor([2, 1])},
             "batch_num_images=[2, 1]: visiondrop supports one image",

@@ -1,4 +1,5 @@
-"""Videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL (temporal patches of two frames) and Video-LLaVA (8 frames).
+"""Videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL (temporal patches of two frames), Video-LLaVA (8 frames), LLaVA-NeXT-Video
+and LLaVA-OneVision (frames pooled before the LLM; OneVision closes each video with one newline).
 
 Every batch is left-padded and mixes, per row, a video and an image (in either order, in one prompt), videos of
 different sizes and temporal-patch counts, and a text-only row. A video's pruning unit is one frame (Qwen: one
@@ -69,12 +70,26 @@ def _llava_next_video():
     return model, batch
 
 
+ONEVISION_SIZES = [(50, 100), (100, 100)]  # LLaVA-OneVision's images (pixels)
+
+
+def _llava_onevision():
+    from visiondrop.testing import llava_onevision_inputs, tiny_llava_onevision
+
+    model = tiny_llava_onevision()
+    batch = llava_onevision_inputs(model, ROWS, ONEVISION_SIZES, frames=FRAMES)
+    with torch.no_grad():
+        model(**batch, output_hidden_states=True)
+    return model, batch
+
+
 BUILDERS = {
     "qwen2-vl": lambda: _qwen("2"),
     "qwen2.5-vl": lambda: _qwen("2.5"),
     "qwen3-vl": lambda: _qwen("3"),
     "video-llava": _video_llava,
     "llava-next-video": _llava_next_video,
+    "llava-onevision": _llava_onevision,
 }
 _BUILT: dict = {}
 
@@ -90,9 +105,14 @@ def _videos(key: str) -> list[tuple[int, int, tuple[int, int]]]:
     """Per video of ``ROWS``: (frames, tokens per frame, grid per frame)."""
     if key == "video-llava":  # 4 x 4 patches and the frame's [CLS]
         return [(FRAMES, 17, (4, 4))] * 2
-    if key == "llava-next-video":  # 4 x 4 patches pooled 2 x 2
+    if key in ("llava-next-video", "llava-onevision"):  # 4 x 4 patches pooled 2 x 2
         return [(FRAMES, 4, (2, 2))] * 2
     return [(t, h * w // 4, (h // 2, w // 2)) for t, h, w in VIDEOS]
+
+
+def _tail(key: str) -> int:
+    """Placeholders a video has besides its frames' tokens (LLaVA-OneVision: one newline closing the video)."""
+    return 1 if key == "llava-onevision" else 0
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -117,6 +137,26 @@ def test_units_follow_the_placeholders(family):
     key, model, batch = family
     adapter = get_adapter(model)
     infos = adapter.image_infos(batch)
+    if (
+        key == "llava-onevision"
+    ):  # frames: 2 x 2 bilinearly pooled windows; the last frame also holds the newline
+        frames = [(v, (f,), 4 + (f == FRAMES - 1)) for v in (0, 1) for f in range(FRAMES)]
+        images = [
+            i.tokens for i in adapter.image_infos({k: v for k, v in batch.items() if "videos" not in k})
+        ]
+        assert [(i.video, i.frames, i.tokens) for i in infos] == [
+            *frames[:FRAMES],
+            (None, (), images[0]),
+            (None, (), images[1]),
+            *frames[FRAMES:],
+        ]
+        assert infos[FRAMES - 1].placeholder_patches() == [0, 1, 2, 3, -1]
+        adapter.pool = "video"
+        assert [(i.video, i.frames, i.tokens, i.grids) for i in adapter.image_infos(batch)][::3] == [
+            (0, tuple(range(FRAMES)), 4 * FRAMES + 1, ((2, 2),) * FRAMES),
+            (1, tuple(range(FRAMES)), 4 * FRAMES + 1, ((2, 2),) * FRAMES),
+        ]
+        return
     if key == "llava-next-video":  # images: LLaVA-NeXT's packing; video frames: 2 x 2 pooled windows
         frames = [(v, (f,), 4) for v in (0, 1) for f in range(FRAMES)]
         assert [(i.video, i.frames, i.tokens) for i in infos] == [
@@ -210,19 +250,22 @@ def test_visiondrop_cached_equals_full_and_counts(family, budget):
             (0, 0, list(range(videos[0][0]))),
             (2, 1, list(range(videos[1][0]))),
         ]
-        for v, (t, per_frame, grid) in zip(found, videos, strict=True):
-            assert v["video_tokens"] == t * per_frame
+        for v, (t, per_frame, _) in zip(found, videos, strict=True):
+            assert v["video_tokens"] == t * per_frame + _tail(key)
             for total, frames in zip(v["counts"], v["frame_counts"], strict=True):
                 assert sum(frames) == total and len(frames) == t
-            if pool == "frame":  # every frame met its own schedule
-                frame = method.schedule(per_frame, LAYERS, (grid,)).counts()
-                assert v["frame_counts"] == [[c] * t for c in frame]
+            if (
+                pool == "frame"
+            ):  # every frame met its own schedule (OneVision's last frame holds the newline too)
+                units = [i for i in infos if i.video == v["video"]]
+                frame = [method.schedule(i.tokens, LAYERS, i.grids).counts() for i in units]
+                assert v["frame_counts"] == [list(stage) for stage in zip(*frame, strict=True)]
             else:  # the video's total met the video's schedule (budget x frames)
                 info = next(i for i in infos if i.video == v["video"])
                 assert v["counts"] == method.for_unit(info).schedule(info.tokens, LAYERS, info.grids).counts()
 
 
-@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video"])
+@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video", "llava-onevision"])
 @pytest.mark.parametrize("pool", ["frame", "video"])
 def test_int_budget_is_tokens_per_frame(key, pool):
     model, batch = _built(key)
@@ -282,7 +325,18 @@ def test_kept_tokens_carry_their_features_and_positions(family, pool):
         pytest.skip("Qwen3-VL's timestamps split a video's placeholders: pool='video' is refused there")
     full, _ = _llm_inputs(model, batch)
     # Dropped, never merged: every token is a kept one; preserve: each keeps its own position (1-D RoPE too).
-    method = vd.build("divprune", budget=2, pool=pool, positions="preserve")
+    methods = [
+        vd.build("divprune", budget=2, pool=pool, positions="preserve")
+    ]  # selects in the projected space
+    if (
+        key == "llava-onevision"
+    ):  # a vision-space selection: kept windows still carry their exact (pooled) features
+        methods.append(vd.VisionDrop(stages=[(2, 0)], pool=pool, positions="preserve"))
+    for method in methods:
+        _check_kept_features(model, batch, pool, full, method)
+
+
+def _check_kept_features(model, batch, pool: str, full: dict, method) -> None:
     pruned, report = _llm_inputs(model, batch, method)
     adapter = get_adapter(model)
     adapter.pool = pool
@@ -342,7 +396,7 @@ def test_refusals_are_one_line(family):
         vd.build("visiondrop", pool="clip")
 
 
-@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video"])
+@pytest.mark.parametrize("key", ["qwen2-vl", "video-llava", "llava-next-video", "llava-onevision"])
 @pytest.mark.parametrize("pool", ["frame", "video"])
 @pytest.mark.parametrize("name", vd.available_methods())
 def test_every_method_runs_on_video_or_refuses(name, pool, key):
@@ -462,3 +516,84 @@ def test_caller_encoded_video_features_are_refused_in_one_line():
         model(**text_only, mm_encoder_outputs=features)
     assert "\n" not in str(err.value)
     assert model_state(model) == before
+
+
+def test_llava_onevision_scores_the_pooled_windows_the_llm_sees():
+    """A LLaVA-OneVision video token is one bilinearly pooled window (2 x 2 patches on the tiny model, where the
+    bilinear weights are a plain mean): its score is the mean of its patches' received visual attention in its own
+    frame, its key the mean of theirs; kept windows carry exactly what ``get_video_features`` gives them, and the
+    video's one newline follows its last frame."""
+    from visiondrop import ops
+    from visiondrop.compat import selected_hidden_states
+    from visiondrop.models.llava_onevision import OnevisionVideoTokens
+
+    model, batch = _built("llava-onevision")
+    adapter = get_adapter(model)
+    adapter.pool = "frame"
+    units = [t for _, t in adapter.encode(batch) if isinstance(t, OnevisionVideoTokens)]
+    assert len(units) == 2 * FRAMES and all(t.num_tokens == 4 for t in units)
+    assert [t.newline is not None for t in units] == [f == FRAMES - 1 for f in range(FRAMES)] * 2
+    videos = batch["pixel_values_videos"]
+    with torch.no_grad():
+        reference = model.model.get_video_features(videos).pooler_output  # (V, T * 4 + 1, D)
+        layer_input, hidden = selected_hidden_states(
+            model.model.vision_tower, videos.flatten(0, 1), [adapter.feature_index - 1, adapter.feature_index]
+        )
+        attn = adapter.scoring_layer.self_attn
+        normed = adapter.scoring_layer.layer_norm1(layer_input)
+        shape = (*normed.shape[:-1], attn.num_heads, attn.head_dim)
+        q = attn.q_proj(normed).view(shape).transpose(1, 2)
+        k = attn.k_proj(normed).view(shape).transpose(1, 2)
+        patch = ops.visual_attention(
+            q, k, None, torch.arange(16).expand(q.shape[0], -1), causal=False, scale=attn.scale
+        )
+        for unit, tokens in enumerate(units):
+            video, frame = divmod(unit, FRAMES)
+            windows = patch[unit].reshape(2, 2, 2, 2).mean((1, 3)).flatten()  # (window row, r, window col, c)
+            torch.testing.assert_close(tokens.visual_attention()[0], windows, rtol=1e-5, atol=1e-7)
+            pooled = hidden[unit].reshape(2, 2, 2, 2, -1).mean((1, 3)).flatten(0, 1)  # pre-projector windows
+            torch.testing.assert_close(tokens.hidden[0], pooled, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                tokens.projected()[0], reference[video, frame * 4 : frame * 4 + 4], rtol=1e-5, atol=1e-6
+            )
+            with_newline = adapter.features(tokens, None)[0]
+            expected = reference[video, frame * 4 : frame * 4 + 4 + (frame == FRAMES - 1)]
+            torch.testing.assert_close(with_newline, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_onevision_contextual_video_tokens_merge_pooled_vectors():
+    """A merged OneVision video token (captured at the LLM input) = projector(anchor + mean(members)) of the pooled
+    windows' pre-projector vectors, with the anchor and members the report gives; a dominant one is its exact
+    (projected, then pooled) feature; the pruned unit that ends a video drops the video's newline."""
+    from visiondrop.models.llava_onevision import OnevisionVideoTokens
+
+    model, batch = _built("llava-onevision")
+    adapter = get_adapter(model)
+    adapter.pool = "frame"
+    with torch.no_grad():
+        units = [t for _, t in adapter.encode(batch) if isinstance(t, OnevisionVideoTokens)]
+    seen, report = _llm_inputs(model, batch, vd.VisionDrop(stages=[(2, 1)], pool="frame"))
+    frames = [im for im in report.images if im.video is not None]
+    assert [im.stages[0].tokens for im in frames] == [3] * (2 * FRAMES)
+    video_rows = [0, 2]  # ROWS: video 0 in row 0, video 1 in row 2
+    checked = 0
+    for unit, (tokens, im) in enumerate(zip(units, frames, strict=True)):
+        video, frame = divmod(unit, FRAMES)
+        row = video_rows[video]
+        columns = (seen["ids"][row] == model.config.video_token_id).nonzero().flatten()
+        assert len(columns) == 3 * FRAMES  # no newline survives a pruned last frame
+        got = seen["embeds"][row][columns[3 * frame : 3 * frame + 3]]
+        view = im.stages[0]
+        owner = torch.tensor(view.patch_owner)
+        for slot in range(3):
+            anchor = view.token_patch[slot]
+            if slot < 2:
+                want = tokens.projected()[0, anchor]
+            else:
+                members = [p for p in (owner == slot).nonzero().flatten().tolist() if p != anchor]
+                vector = tokens.hidden[0, anchor] + (tokens.hidden[0, members].mean(0) if members else 0)
+                with torch.no_grad():
+                    want = model.model.multi_modal_projector(vector)
+            torch.testing.assert_close(got[slot], want, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == 3 * 2 * FRAMES

@@ -229,6 +229,49 @@ def llava_onevision_placeholders(model, image_size: tuple[int, int]) -> int:
     )
 
 
+def llava_onevision_inputs(
+    model,
+    rows: list[list],
+    sizes: list[tuple[int, int]],
+    *,
+    frames: int = 4,
+    seed: int = 1,
+    side: str = "left",
+) -> dict:
+    """A padded LLaVA-OneVision batch: ``"image"`` expands to the next of ``sizes`` (h, w) as the processor counts
+    it, ``"video"`` to ``frames x 4 + 1`` video placeholders (56 px frames of 4 x 4 patches pooled bilinearly to
+    2 x 2, then the video's one newline)."""
+    images = iter(sizes)
+    expanded = []
+    videos = 0
+    for row in rows:
+        ids = []
+        for item in row:
+            if item == "image":
+                ids += [IMAGE_TOKEN] * llava_onevision_placeholders(model, next(images))
+            elif item == "video":
+                ids += [int(model.config.video_token_id)] * (frames * 4 + 1)
+                videos += 1
+            else:
+                ids.append(item)
+        expanded.append(ids)
+    length = max(len(r) for r in expanded)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(expanded):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if sizes:
+        batch["pixel_values"] = torch.randn(len(sizes), 10, 3, 56, 56, generator=gen)  # padded: base + 3 x 3
+        batch["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(videos, frames, 3, 56, 56, generator=gen)
+    return batch
+
+
 #: Special ids of the tiny Qwen models (vocabulary of 100).
 QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO = 96, 97, 98
 

@@ -50,6 +50,9 @@ class ImageInfo:
     cls : bool
         Whether each grid's placeholders start with one for its [CLS] token (Video-LLaVA's video frames give the LLM
         their [CLS] too); False where [CLS] is dropped before the LLM or there is none.
+    tail : int
+        Placeholders after the grids that carry no patch (LLaVA-OneVision: the one ``image_newline`` closing a video,
+        counted in the unit that ends the video).
     """
 
     tokens: int
@@ -59,6 +62,7 @@ class ImageInfo:
     video: int | None = None
     frames: tuple[int, ...] = ()
     cls: bool = False
+    tail: int = 0
 
     @property
     def num_patches(self) -> int:
@@ -78,6 +82,7 @@ class ImageInfo:
                 patch += cols
                 if newline:
                     out.append(-1)
+        out += [-1] * self.tail
         return out if len(out) == self.tokens else [-1] * self.tokens
 
 

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision images (``LlavaOnevisionForConditionalGeneration``): SigLIP crops, AnyRes-Max, Qwen2 LLM.
+"""LLaVA-OneVision images and videos (``LlavaOnevisionForConditionalGeneration``): SigLIP crops, AnyRes-Max, Qwen2 LLM.
 
 How an image reaches the LLM unpruned (transformers 5.24 ``LlavaOnevisionModel.pack_image_features``): every crop
 (the base view of the whole image, then the ``nh x nw`` tiles of its AnyRes grid) goes through SigLIP, which has no
@@ -24,8 +24,21 @@ The policy visiondrop applies (documented in the README), LLaVA-NeXT's with thes
 - **cost report**: for a downscaled image a pruned vision stage still projects every crop (its kept cells need their
   exact downscaled features), while ``run.report.flops`` counts the projector over the tokens the stage outputs, as on
   LLaVA-NeXT: it undercounts the projector there (for the 7B at 672 x 672 the whole projector is 0.2 % of the prefill).
-- Images only: ``pixel_values_videos`` and several images per prompt (``batch_num_images`` above 1, where
-  transformers gives each image its base view only) are refused with one line.
+- Several images per prompt (``batch_num_images`` above 1, where transformers gives each image its base view
+  only) are refused with one line.
+
+Videos (``pixel_values_videos``, transformers 5.24 ``get_video_features``): every frame goes through SigLIP whole
+(no AnyRes), all its patches are projected and then bilinearly pooled (``apply_pooling``: ``side -> ceil(side / 2)``,
+27 x 27 -> 14 x 14 = 196 tokens per frame on the 7B), the frames are laid end to end and **one** ``image_newline``
+closes each video (after its last frame). Pruning follows LLaVA-NeXT-Video's convention at the granularity the LLM
+sees: a video token is one pooled window; its score, merge key and pre-projector vector are the same bilinear mix
+of its patches' visual attention (within its frame), keys and feature-layer outputs (``apply_pooling`` itself acts
+channel-wise on them). Kept windows carry their exact (projected, then pooled) features; contextual tokens merge
+the pooled pre-projector vectors before the projector (``space="vision"``) or the exact features
+(``space="projected"``). ``pool="frame"`` makes each frame a unit, ``pool="video"`` the whole video. The video's
+newline belongs to the unit that ends the video (its last frame, or the whole video): kept when that unit keeps
+everything, dropped when it is pruned, as image newlines are; it counts among that unit's tokens (``ImageInfo.tail``)
+like the image newlines do.
 """
 
 from __future__ import annotations
@@ -45,7 +58,14 @@ from .family import BenchImage, Family, register_family
 from .llava import clip_arch_fields, clip_vision_parts
 from .llava_next import _best_grid, _unpadded_window
 
-__all__ = ["DEFAULT_PINPOINTS", "FAMILY", "LlavaOnevisionAdapter", "OnevisionVisionTokens", "onevision_grid"]
+__all__ = [
+    "DEFAULT_PINPOINTS",
+    "FAMILY",
+    "LlavaOnevisionAdapter",
+    "OnevisionVideoTokens",
+    "OnevisionVisionTokens",
+    "onevision_grid",
+]
 
 
 def _max_patches(aspect: Any) -> int:
@@ -157,9 +177,72 @@ class OnevisionVisionTokens(VisionTokens):
         return self._exact(self.crops_hidden)
 
 
+class OnevisionVideoTokens(VisionTokens):
+    """One LLaVA-OneVision video unit (a frame, or the whole video) at the granularity the LLM sees: ``g x g``
+    bilinearly pooled windows per frame, frames end to end (the video's newline is not a token here).
+
+    Attributes
+    ----------
+    hidden : Tensor, shape (1, n, Dv)
+        Per window: the bilinear mix of its patches' feature-layer outputs (the merge space before the projector).
+    newline : Tensor of shape (1, D), or None
+        The ``image_newline`` feature when this unit ends its video (the model appends one per video).
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        scores: torch.Tensor,
+        keys: torch.Tensor,
+        grids: tuple[tuple[int, int], ...],
+        exact: torch.Tensor,
+        newline: torch.Tensor | None,
+    ) -> None:
+        """
+        Parameters
+        ----------
+        scores : Tensor, shape (1, n)
+            Per window: the bilinear mix of its patches' received visual attention (within its frame), fp32.
+        keys : Tensor, shape (1, n, d)
+            Per window: the bilinear mix of its patches' keys (averaged over heads).
+        exact : Tensor, shape (1, n, D)
+            Per window: the feature the unpruned model gives it (projected, then pooled).
+        """
+        super().__init__(hidden, has_cls=False, grids=grids)
+        self._scores, self._keys, self._exact = scores, keys, exact
+        self.newline = newline
+
+    def visual_attention(self) -> torch.Tensor:
+        return self._scores
+
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    def projected(self) -> torch.Tensor:
+        return self._exact
+
+    def features(
+        self, selection: ops.Selection | None, project: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """(1, k, D) LLM input: unpruned, every window and the newline (when this unit ends the video); pruned,
+        the kept windows' exact features, then the contextual tokens (projected merges of pooled vectors, or merges
+        of projected features), and no newline, as for images."""
+        if selection is None:
+            if self.newline is None:
+                return self._exact
+            return torch.cat([self._exact, self.newline[None]], dim=1)
+        if selection.space == "projected":
+            return selection.apply(self._exact)
+        kept = self._exact.gather(1, selection.keep[..., None].expand(-1, -1, self._exact.shape[-1]))
+        if selection.anchors is None:
+            return kept
+        merged = ops.merge_groups(self.hidden, selection.anchors, selection.assign, selection.merge)
+        return torch.cat([kept, project(merged)], dim=1)
+
+
 @register_adapter
 class LlavaOnevisionAdapter(ModelAdapter):
-    """``LlavaOnevisionForConditionalGeneration`` (llava-hf/llava-onevision-qwen2-7b-ov-hf, ...), images only."""
+    """``LlavaOnevisionForConditionalGeneration`` (llava-hf/llava-onevision-qwen2-7b-ov-hf, ...): images and videos."""
 
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     family = "LLaVA-OneVision"
@@ -196,12 +279,37 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return TextStack(self.model.model.language_model)
 
     def vision_kwargs(self) -> tuple[str, ...]:
-        return ("pixel_values", "image_sizes", "batch_num_images")
+        return (
+            "pixel_values",
+            "image_sizes",
+            "batch_num_images",
+            "pixel_values_videos",
+            "image_sizes_videos",
+        )
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.config.video_token_id)
+
+    @cached_property
+    def pooled(self) -> int:
+        """Pooled windows per side of a video frame (``apply_pooling``: ceil(side / 2); 14 for SigLIP's 27)."""
+        return math.ceil(self.side / 2)
+
+    def placeholder_ids(self, infos: list[ImageInfo]) -> tuple[int, ...]:
+        if any(info.video is not None for info in infos):
+            return (self.image_token_id, self.video_token_id)
+        return (self.image_token_id,)
+
+    def has_visual(self, kwargs: dict) -> bool:
+        return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
 
     def check_call(self, kwargs: dict) -> None:
-        if kwargs.get("pixel_values_videos") is not None:
+        videos = kwargs.get("pixel_values_videos")
+        if videos is not None and (not isinstance(videos, torch.Tensor) or videos.dim() != 5):
             raise ValueError(
-                "pixel_values_videos: visiondrop prunes images only; video inputs are not supported"
+                f"pixel_values_videos of shape {tuple(getattr(videos, 'shape', ()))}: LLaVA-OneVision takes "
+                "(videos, frames, 3, H, W)"
             )
         per_prompt = kwargs.get("batch_num_images")
         if per_prompt is not None and any(int(n) > 1 for n in torch.as_tensor(per_prompt).flatten().tolist()):
@@ -229,6 +337,61 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return tiles, onevision_grid(image_size, tiles, self.side, self.max_patches)
 
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
+        if kwargs.get("pixel_values_videos") is None:
+            self._kinds = None  # an image-only call: plain mm_encoder_outputs, whatever an earlier call held
+            return self._image_infos(kwargs)
+        units, images = self._units(kwargs)
+        self._kinds = [kind for kind, _, _ in units]  # for mm_encoder_outputs, later in the same vision stage
+        frames_per_video = kwargs["pixel_values_videos"].shape[1]
+        infos = []
+        for kind, item, frames in units:
+            if kind == "image":
+                infos.append(images[item])
+                continue
+            closes = frames[-1] == frames_per_video - 1  # the video's one newline follows its last frame
+            infos.append(
+                ImageInfo(
+                    len(frames) * self.pooled**2 + int(closes),
+                    ((self.pooled, self.pooled),) * len(frames),
+                    (self.side * self.side,) * len(frames),
+                    video=item,
+                    frames=frames,
+                    tail=int(closes),
+                )
+            )
+        return infos
+
+    def _units(self, kwargs: dict) -> tuple[list[tuple[str, int, tuple[int, ...]]], list[ImageInfo]]:
+        """The call's units in placeholder order ``(kind, item, frames)`` and the images' infos."""
+        flat = kwargs["input_ids"].flatten()
+        images = self._image_infos(kwargs)
+        starts: list[tuple[int, tuple[str, int, tuple[int, ...]]]] = []
+        columns = torch.nonzero(flat == self.image_token_id).flatten().tolist()
+        need = sum(i.tokens for i in images)
+        if len(columns) != need:
+            raise ValueError(
+                f"{len(images)} image(s) need {need} <image> placeholder tokens in input_ids, found {len(columns)}"
+            )
+        cursor = 0
+        for item, info in enumerate(images):
+            starts.append((columns[cursor], ("image", item, ())))
+            cursor += info.tokens
+        count, frames = kwargs["pixel_values_videos"].shape[:2]
+        per_frame = self.pooled * self.pooled
+        per_video = frames * per_frame + 1  # get_video_features appends one image_newline per video
+        columns = torch.nonzero(flat == self.video_token_id).flatten().tolist()
+        if len(columns) != count * per_video:
+            raise ValueError(
+                f"{count} video(s) need {count * per_video} <video> placeholder tokens in input_ids, "
+                f"found {len(columns)}"
+            )
+        for item in range(count):
+            parts = [(f,) for f in range(frames)] if self.pool == "frame" else [tuple(range(frames))]
+            for part in parts:
+                starts.append((columns[item * per_video + part[0] * per_frame], ("video", item, part)))
+        return [unit for _, unit in sorted(starts, key=lambda pair: pair[0])], images
+
+    def _image_infos(self, kwargs: dict) -> list[ImageInfo]:
         if kwargs.get("pixel_values") is None:
             return []
         sizes = kwargs.get("image_sizes")
@@ -270,6 +433,74 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return packed[0]
 
     def encode(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
+        if kwargs.get("pixel_values_videos") is None:
+            return self._encode_images(kwargs)
+        units, _ = self._units(kwargs)
+        groups = []
+        if kwargs.get("pixel_values") is not None:
+            image_units = [i for i, unit in enumerate(units) if unit[0] == "image"]
+            for images, tokens in self._encode_images(kwargs):
+                groups.append(([image_units[i] for i in images], tokens))
+        video_units = [(i, unit) for i, unit in enumerate(units) if unit[0] == "video"]
+        groups += self._encode_videos(kwargs["pixel_values_videos"], video_units)
+        return groups
+
+    def _encode_videos(
+        self, videos: torch.Tensor, units: list[tuple[int, tuple[str, int, tuple[int, ...]]]]
+    ) -> list[tuple[list[int], VisionTokens]]:
+        """One group per unit (the unit that ends a video also carries the video's newline, so sizes differ)."""
+        frames = videos.shape[1]
+        tower = self.model.model.vision_tower
+        # The tower call get_video_features makes (frames as a batch), capturing the scoring layer's input as well.
+        layer_input, hidden = selected_hidden_states(
+            tower, videos.reshape(-1, *videos.shape[2:]), [self.feature_index - 1, self.feature_index]
+        )
+        pool = self.model.model.apply_pooling  # bilinear, channel-wise: pools scores, keys and vectors alike
+        exact = pool(
+            self._project(hidden)
+        )  # (V*T, g*g, D): what get_video_features computes, projected first
+        pooled_hidden = pool(
+            hidden
+        )  # (V*T, g*g, Dv): the bilinear mix of each window's pre-projector vectors
+        attn = self.scoring_layer.self_attn
+        normed = self.scoring_layer.layer_norm1(layer_input)
+        shape = (*normed.shape[:-1], attn.num_heads, attn.head_dim)
+        q = attn.q_proj(normed).view(shape).transpose(1, 2)
+        k = attn.k_proj(normed).view(shape).transpose(1, 2)  # (V*T, H, P, d)
+        n_frames, _, patches, _ = q.shape
+        # No [CLS]: every patch is scored by the attention it receives from its own frame's patches; a window by
+        # the same bilinear mix of its patches' scores that makes its feature.
+        scores = ops.visual_attention(
+            q,
+            k,
+            None,
+            torch.arange(patches, device=q.device).expand(n_frames, -1),
+            causal=False,
+            scale=attn.scale,
+        )  # (V*T, P) fp32
+        scores = pool(scores[..., None])[..., 0]  # (V*T, g*g)
+        keys = pool(k.mean(1))  # (V*T, g*g, d)
+        newline = self.model.model.image_newline[None, :].to(exact.dtype)
+        groups: list[tuple[list[int], VisionTokens]] = []
+        for index, (_, item, unit_frames) in units:
+            rows = [item * frames + f for f in unit_frames]
+            grid = (self.pooled, self.pooled)
+            groups.append(
+                (
+                    [index],
+                    OnevisionVideoTokens(
+                        pooled_hidden[rows].flatten(0, 1)[None],
+                        scores[rows].flatten()[None],
+                        keys[rows].flatten(0, 1)[None],
+                        (grid,) * len(rows),
+                        exact[rows].flatten(0, 1)[None],
+                        newline if unit_frames[-1] == frames - 1 else None,
+                    ),
+                )
+            )
+        return groups
+
+    def _encode_images(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
         pixel_values = kwargs["pixel_values"]
         sizes = [tuple(s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
         layouts = [self._layout(size) for size in sizes]
@@ -327,6 +558,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return torch.cat([torch.arange(base), base + (cell // cols) * (cols + 1) + cell % cols])
 
     def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
+        if isinstance(tokens, OnevisionVideoTokens):
+            return tokens.features(selection, self._project)
         if selection is None:  # exactly what transformers packs: projected, unpadded, downscaled, newlines in
             crops = self._project(tokens.crops_hidden)
             return self._pack(crops, tokens.image_size, self.model.model.image_newline)[None]
@@ -341,6 +574,22 @@ class LlavaOnevisionAdapter(ModelAdapter):
             return kept
         merged = ops.merge_groups(tokens.hidden, selection.anchors, selection.assign, selection.merge)
         return torch.cat([kept, self._project(merged)], dim=1)
+
+    def mm_encoder_outputs(self, features: list[torch.Tensor]) -> dict:
+        """Images as a list of (k_i, D) under ``"image"``; videos' units concatenated as (1, sum k, D) under
+        ``"video"`` (transformers flattens that entry's first two dimensions), each kind in placeholder order."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kinds = getattr(self, "_kinds", None)
+        if kinds is None or len(kinds) != len(features) or "video" not in kinds:
+            return super().mm_encoder_outputs(features)
+        out = {}
+        images = [f for f, kind in zip(features, kinds, strict=True) if kind == "image"]
+        if images:
+            out["image"] = BaseModelOutputWithPooling(pooler_output=images)
+        videos = [f for f, kind in zip(features, kinds, strict=True) if kind == "video"]
+        out["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(videos)[None])
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
