@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import visiondrop as vd
 from conftest import model_state
+from visiondrop.compat import VIDEO_LLAVA_TAKES_PIXEL_VALUES
 from visiondrop.layout import find_image_spans
 from visiondrop.models import get_adapter
 
@@ -96,6 +98,10 @@ _BUILT: dict = {}
 
 def _built(key: str):
     """One model and batch per family for the parametrised tests (every test checks the model is restored)."""
+    if key == "video-llava" and not VIDEO_LLAVA_TAKES_PIXEL_VALUES:
+        pytest.skip(
+            f"Video-LLaVA needs transformers >= 5.23 (pixel_values); this is {transformers.__version__}"
+        )
     if key not in _BUILT:
         _BUILT[key] = BUILDERS[key]()
     return _BUILT[key]
@@ -117,7 +123,7 @@ def _tail(key: str) -> int:
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def family(request):
-    model, batch = BUILDERS[request.param]()
+    model, batch = _built(request.param)
     return request.param, model, batch
 
 
@@ -409,6 +415,8 @@ def test_every_method_runs_on_video_or_refuses(name, pool, key):
     except ValueError as err:
         assert "\n" not in str(err)
         assert model_state(model) == before
+        # Only the README's documented video refusals may skip: [CLS]-ranked methods without a [CLS] to rank by.
+        assert name in ("visionzip", "vispruner") and "[CLS]" in str(err), str(err)
         pytest.skip(str(err))
     assert model_state(model) == before
     adapter = get_adapter(model)
@@ -597,3 +605,19 @@ def test_llava_onevision_contextual_video_tokens_merge_pooled_vectors():
             torch.testing.assert_close(got[slot], want, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked == 3 * 2 * FRAMES
+
+
+@pytest.mark.skipif(VIDEO_LLAVA_TAKES_PIXEL_VALUES, reason="transformers >= 5.23 supports Video-LLaVA")
+def test_video_llava_before_5_23_is_refused_in_one_line():
+    """transformers < 5.23 calls Video-LLaVA's images pixel_values_images: refused before anything is installed."""
+    from visiondrop.testing import tiny_video_llava
+
+    model = tiny_video_llava()
+    before = model_state(model)
+    with (
+        pytest.raises(ValueError, match=r"from transformers 5\.23") as err,
+        vd.build("visiondrop").apply(model),
+    ):
+        pass
+    assert "\n" not in str(err.value)
+    assert model_state(model) == before

@@ -22,6 +22,11 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parame
 #: embeddings); before 5.23 a list named layer outputs (``i`` = output of layer ``i``, i.e. ``hidden_states[i + 1]``).
 HIDDEN_STATES_LIST_INDEXES_FULL_TUPLE = Version(transformers.__version__).release >= (5, 23)
 
+#: transformers 5.23 renamed Video-LLaVA's image input ``pixel_values_images`` to ``pixel_values`` (the shared name the
+#: runtime and the adapters read); before 5.23 the model and its processor use the old name, so visiondrop supports
+#: Video-LLaVA from 5.23 on and refuses it, in one line, on earlier releases.
+VIDEO_LLAVA_TAKES_PIXEL_VALUES = Version(transformers.__version__).release >= (5, 23)
+
 __all__ = [
     "CACHE_KWARG",
     "cache_of",

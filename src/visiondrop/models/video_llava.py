@@ -27,10 +27,11 @@ from functools import cached_property
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from .. import flops, ops
-from ..compat import selected_hidden_states, vision_encoder_layers
+from ..compat import VIDEO_LLAVA_TAKES_PIXEL_VALUES, selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import Family, register_family
 from .llava import ClipVisionTokens, clip_arch_fields, clip_bench_image
@@ -116,6 +117,11 @@ class VideoLlavaAdapter(ModelAdapter):
     family = "Video-LLaVA"
 
     def __init__(self, model: nn.Module) -> None:
+        if not VIDEO_LLAVA_TAKES_PIXEL_VALUES:
+            raise ValueError(
+                f"VideoLlavaForConditionalGeneration on transformers {transformers.__version__}: visiondrop supports "
+                "Video-LLaVA from transformers 5.23 (where its images are pixel_values, not pixel_values_images)"
+            )
         super().__init__(model)
         cfg = self.config
         layer = cfg.vision_feature_layer
