@@ -18,9 +18,11 @@ __all__ = [
     "FAMILY",
     "ClipVisionTokens",
     "LlavaAdapter",
+    "checked_feature_layer",
     "clip_arch_fields",
     "clip_bench_image",
     "clip_vision_parts",
+    "feature_index",
 ]
 
 
@@ -77,6 +79,37 @@ class ClipVisionTokens(VisionTokens):
         return self._project(self.hidden)
 
 
+def checked_feature_layer(
+    config: Any, strategy: str, *, layer_note: str = "", strategy_note: str = ""
+) -> int:
+    """The one vision feature layer (an int) of a LLaVA-style config whose select strategy is ``strategy``.
+
+    One-line ValueError otherwise (the notes end each message with the family's reason).
+    """
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int){layer_note}"
+        )
+    if config.vision_feature_select_strategy != strategy:
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: visiondrop supports "
+            f"{strategy!r}{strategy_note}"
+        )
+    return layer
+
+
+def feature_index(layer: int, num_layers: int) -> int:
+    """Index in ``hidden_states`` of feature layer ``layer`` (negative counts from the end) of a tower of ``num_layers``
+    layers: ``hidden_states[0]`` is the embedding output, ``[i]`` the output of layer ``i - 1``; ValueError for 0."""
+    index = layer % (num_layers + 1)
+    if index == 0:
+        raise ValueError(
+            f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
+        )
+    return index
+
+
 @register_adapter
 class LlavaAdapter(ModelAdapter):
     """``LlavaForConditionalGeneration`` (llava-hf/llava-1.5-7b-hf and -13b-hf)."""
@@ -87,30 +120,19 @@ class LlavaAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int), as LLaVA-1.5 uses"
-            )
-        if cfg.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: visiondrop supports "
-                "'default' (patch tokens only, as LLaVA-1.5)"
-            )
+        layer = checked_feature_layer(
+            cfg,
+            "default",
+            layer_note=", as LLaVA-1.5 uses",
+            strategy_note=" (patch tokens only, as LLaVA-1.5)",
+        )
         vision = cfg.vision_config
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
         self.num_patches = side * side
         tower = model.model.vision_tower
         encoder_layers = vision_encoder_layers(tower)
-        num_layers = len(encoder_layers)
-        index = layer % (
-            num_layers + 1
-        )  # hidden_states[0] is the embedding output, [i] the output of layer i-1
-        if index == 0:
-            raise ValueError(
-                f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
-            )
+        index = feature_index(layer, len(encoder_layers))
         self.feature_index = index
         self.scoring_layer = encoder_layers[index - 1]
 

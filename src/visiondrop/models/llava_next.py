@@ -32,7 +32,7 @@ from .. import flops, ops
 from ..compat import selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
-from .llava import clip_arch_fields, clip_vision_parts
+from .llava import checked_feature_layer, clip_arch_fields, clip_vision_parts, feature_index
 
 __all__ = ["DEFAULT_PINPOINTS", "FAMILY", "LlavaNextAdapter", "NextVisionTokens", "llava_next_image_tokens"]
 
@@ -142,24 +142,12 @@ class LlavaNextAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int)"
-            )
-        if cfg.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: visiondrop supports 'default'"
-            )
+        layer = checked_feature_layer(cfg, "default")
         vision = cfg.vision_config
         self.side = vision.image_size // vision.patch_size
         self.crop_pixels = vision.image_size
         layers = vision_encoder_layers(model.model.vision_tower)
-        index = layer % (len(layers) + 1)
-        if index == 0:
-            raise ValueError(
-                f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
-            )
+        index = feature_index(layer, len(layers))
         self.feature_index = index
         self.scoring_layer = layers[index - 1]
 

@@ -34,7 +34,7 @@ from .. import flops, ops
 from ..compat import VIDEO_LLAVA_TAKES_PIXEL_VALUES, selected_hidden_states, vision_encoder_layers
 from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
 from .family import Family, register_family
-from .llava import ClipVisionTokens, clip_arch_fields, clip_bench_image
+from .llava import ClipVisionTokens, checked_feature_layer, clip_arch_fields, clip_bench_image, feature_index
 
 __all__ = ["FAMILY", "ClipVideoTokens", "VideoLlavaAdapter"]
 
@@ -124,31 +124,19 @@ class VideoLlavaAdapter(ModelAdapter):
             )
         super().__init__(model)
         cfg = self.config
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"vision_feature_layer={layer!r}: visiondrop supports one feature layer (an int), as Video-LLaVA uses"
-            )
-        if cfg.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: visiondrop supports "
-                "'default' (images without [CLS], as Video-LLaVA)"
-            )
+        layer = checked_feature_layer(
+            cfg,
+            "default",
+            layer_note=", as Video-LLaVA uses",
+            strategy_note=" (images without [CLS], as Video-LLaVA)",
+        )
         vision = cfg.vision_config
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
         self.num_patches = side * side
         inner = model.model
         self.towers = {"image": inner.image_tower, "video": inner.video_tower}
-        num_layers = len(vision_encoder_layers(inner.image_tower))
-        index = layer % (
-            num_layers + 1
-        )  # hidden_states[0] is the embedding output, [i] the output of layer i-1
-        if index == 0:
-            raise ValueError(
-                f"vision_feature_layer={layer} selects the embeddings: there is no layer to score with"
-            )
-        self.feature_index = index
+        self.feature_index = feature_index(layer, len(vision_encoder_layers(inner.image_tower)))
 
     @cached_property
     def text(self) -> TextStack:
