@@ -7,6 +7,7 @@ What methods receive (:class:`ImageInfo`, :class:`VisionTokens`, :class:`LLMToke
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import cached_property
 from typing import ClassVar
 
@@ -18,7 +19,48 @@ from ..compat import uses_sliding_window
 from ..schedule import Schedule
 from ..tokens import ImageInfo, LLMTokens, VisionTokens
 
-__all__ = ["ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens"]
+__all__ = ["ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "UnitTokens", "VisionTokens"]
+
+
+class UnitTokens(VisionTokens):
+    """What a method sees of one image whose LLM tokens are units of several patches (Qwen-VL's 2x2 merged units,
+    InternVL's pixel-shuffled 2x2 blocks): the adapter scores the units itself; no [CLS] among them.
+
+    Parameters
+    ----------
+    units : Tensor, shape (1, n, Dp)
+        Each unit's concatenated patch vectors (the projector's input).
+    scores : Tensor, shape (1, n)
+        Visual attention each unit receives (summed over its patches).
+    keys : Tensor, shape (1, n, d)
+        Mean key of each unit's patches (scoring layer, heads averaged).
+    grids : tuple of (rows, cols)
+        Unit grids, in unit order.
+    project : callable
+        The projector, applied to (some of) the units.
+    """
+
+    def __init__(
+        self,
+        units: torch.Tensor,
+        scores: torch.Tensor,
+        keys: torch.Tensor,
+        grids: tuple[tuple[int, int], ...],
+        project: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__(units, has_cls=False, grids=grids)
+        self._scores = scores
+        self._keys = keys
+        self._project = project
+
+    def visual_attention(self) -> torch.Tensor:
+        return self._scores
+
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    def projected(self) -> torch.Tensor:
+        return self._project(self.hidden)
 
 
 class TextStack:

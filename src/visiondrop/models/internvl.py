@@ -43,7 +43,7 @@ The policy visiondrop applies:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .. import flops, ops
-from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .base import ImageInfo, ModelAdapter, TextStack, UnitTokens, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 
 __all__ = [
@@ -93,42 +93,13 @@ def internvl_token_patches(token: int, side: int, ratio: float = 0.5) -> tuple[i
     return tile, patches
 
 
-class InternVLVisionTokens(VisionTokens):
-    """One InternVL image: its LLM tokens (pixel-shuffled 2x2 patch units) over all its tiles; no [CLS] among them."""
+class InternVLVisionTokens(UnitTokens):
+    """One InternVL image: its LLM tokens (pixel-shuffled 2x2 patch units) over all its tiles; no [CLS] among them.
 
-    def __init__(
-        self,
-        units: torch.Tensor,
-        scores: torch.Tensor,
-        keys: torch.Tensor,
-        grids: tuple[tuple[int, int], ...],
-        project: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        """
-        Parameters
-        ----------
-        units : Tensor, shape (1, n, 4 * Dv)
-            Pixel-shuffled feature-layer output of every token (the projector's input), tiles in order.
-        scores : Tensor, shape (1, n)
-            Visual attention received by each token (sum over its 4 patches, each from its own tile).
-        keys : Tensor, shape (1, n, d)
-            Mean key of each token's patches (scoring layer, heads averaged).
-        grids : tuple of (rows, cols)
-            One token grid per tile.
-        """
-        super().__init__(units, has_cls=False, grids=grids)
-        self._scores = scores
-        self._keys = keys
-        self._project = project
-
-    def visual_attention(self) -> torch.Tensor:
-        return self._scores
-
-    def keys(self) -> torch.Tensor:
-        return self._keys
-
-    def projected(self) -> torch.Tensor:
-        return self._project(self.hidden)
+    ``units`` are the pixel-shuffled feature-layer outputs (the projector's input, shape (1, n, 4 * Dv)), tiles in
+    order; ``scores`` the visual attention each token receives (sum over its 4 patches, each from its own tile);
+    ``keys`` the mean key of its patches; ``grids`` one token grid per tile.
+    """
 
 
 @register_adapter

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -36,7 +36,7 @@ from torch import nn
 from .. import flops, ops
 from ..compat import qwen_window_index
 from ..layout import hf_generate_positions
-from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_adapter
+from .base import ImageInfo, ModelAdapter, TextStack, UnitTokens, VisionTokens, register_adapter
 from .family import BenchImage, Family, register_family
 
 __all__ = ["FAMILY", "Qwen2VLAdapter", "QwenVisionTokens", "qwen2_vl_image_tokens", "qwen2_vl_resize"]
@@ -47,42 +47,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class QwenVisionTokens(VisionTokens):
-    """One Qwen image (or a video's unit): its merged units (2x2 patches) in raster order; no [CLS]."""
+class QwenVisionTokens(UnitTokens):
+    """One Qwen image (or a video's unit): its merged units (2x2 patches) in raster order; no [CLS].
 
-    def __init__(
-        self,
-        units: torch.Tensor,
-        scores: torch.Tensor,
-        keys: torch.Tensor,
-        grids: tuple[tuple[int, int], ...],
-        project: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        """
-        Parameters
-        ----------
-        units : Tensor, shape (1, n, 4 * Dv)
-            Normalised, concatenated patch vectors of every merged unit (the merger MLP's input).
-        scores : Tensor, shape (1, n)
-            Visual attention received by each unit (sum over its patches).
-        keys : Tensor, shape (1, n, d)
-            Mean pre-RoPE key of each unit's patches, averaged over heads.
-        grids : tuple of (rows, cols)
-            In merged units: one grid for an image, one per temporal patch for a video's unit.
-        """
-        super().__init__(units, has_cls=False, grids=grids)
-        self._scores = scores
-        self._keys = keys
-        self._project = project
-
-    def visual_attention(self) -> torch.Tensor:
-        return self._scores
-
-    def keys(self) -> torch.Tensor:
-        return self._keys
-
-    def projected(self) -> torch.Tensor:
-        return self._project(self.hidden)
+    ``units`` are the normalised, concatenated patch vectors of every merged unit (the merger MLP's input, shape
+    (1, n, 4 * Dv)); ``scores`` and ``keys`` the visual attention each unit receives and the mean pre-RoPE key of its
+    patches; ``grids`` one grid for an image, one per temporal patch for a video's unit.
+    """
 
 
 @dataclass(frozen=True)
