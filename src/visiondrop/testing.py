@@ -23,6 +23,7 @@ __all__ = [
     "llava_next_placeholders",
     "llava_next_video_inputs",
     "llava_onevision_placeholders",
+    "pocket_llava_next",
     "qwen_inputs",
     "tiny_internvl",
     "tiny_internvl_config",
@@ -147,6 +148,82 @@ def tiny_llava_next(*, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
         model.model.image_newline.normal_(0, 0.3)
     model.generation_config.pad_token_id = PAD
     return model
+
+
+def pocket_llava_next(
+    folder,
+    *,
+    pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672)),
+    seed: int = 0,
+):
+    """Save the shipped pocket LVLM as a LLaVA-NeXT checkpoint in ``folder`` and return its path.
+
+    The pocket model's CLIP tower, projector and LLM (trained weights) under
+    :class:`~transformers.LlavaNextForConditionalGeneration`, with a random ``image_newline`` and AnyRes
+    ``pinpoints`` of 336 px crops; the processor is a :class:`~transformers.LlavaNextProcessor` around the pocket
+    tokenizer and chat template and LLaVA-NeXT's PIL image processor. Its answers are not trained for the extra
+    crops: it exists so that code loading real LLaVA-NeXT checkpoints (vLLM, the CLI) has one that loads offline.
+    """
+    from pathlib import Path
+
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from .testbed import load_testbed
+
+    pocket, processor = load_testbed()
+    source = pocket.config
+    config = LlavaNextConfig(
+        vision_config=source.vision_config.to_dict(),
+        text_config={
+            **source.text_config.to_dict(),
+            "max_position_embeddings": 4096,
+        },  # AnyRes prompts ~1,800
+        image_token_id=source.image_token_id,
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        vision_feature_layer=source.vision_feature_layer,
+        vision_feature_select_strategy=source.vision_feature_select_strategy,
+        projector_hidden_act=source.projector_hidden_act,
+        multimodal_projector_bias=source.multimodal_projector_bias,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    missing, unexpected = model.load_state_dict(pocket.state_dict(), strict=False)
+    if unexpected or [name for name in missing if not name.endswith("image_newline")]:
+        raise RuntimeError(
+            f"pocket weights do not fit LLaVA-NeXT: missing {missing}, unexpected {unexpected}"
+        )
+    with torch.no_grad():
+        model.model.image_newline.normal_(0, 0.02)
+    model.generation_config = pocket.generation_config
+    crop = source.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        image_mean=processor.image_processor.image_mean,
+        image_std=processor.image_processor.image_std,
+        do_pad=True,
+    )
+    next_processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=source.vision_config.patch_size,
+        vision_feature_select_strategy=source.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        image_token=processor.image_token,
+        chat_template=processor.chat_template,
+    )
+    next_processor.tokenizer.model_max_length = 4096
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    next_processor.save_pretrained(folder)
+    return folder
 
 
 def llava_next_placeholders(model, image_size: tuple[int, int]) -> int:

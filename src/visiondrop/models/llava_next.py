@@ -34,7 +34,16 @@ from .base import ImageInfo, ModelAdapter, TextStack, VisionTokens, register_ada
 from .family import BenchImage, Family, register_family
 from .llava import checked_feature_layer, clip_arch_fields, clip_vision_parts, feature_index
 
-__all__ = ["DEFAULT_PINPOINTS", "FAMILY", "LlavaNextAdapter", "NextVisionTokens", "llava_next_image_tokens"]
+__all__ = [
+    "DEFAULT_PINPOINTS",
+    "FAMILY",
+    "LlavaNextAdapter",
+    "NextVisionTokens",
+    "anyres_layout",
+    "llava_next_image_tokens",
+    "next_image_info",
+    "token_sources",
+]
 
 
 def _unpadded_window(image_size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -51,6 +60,58 @@ def _unpadded_window(image_size: tuple[int, int], rows: int, cols: int) -> tuple
     new_width = int(round(width * (rows / height), 7))
     pad = (cols - new_width) // 2
     return 0, rows, pad, cols - pad
+
+
+def anyres_layout(config: Any, image_size: tuple[int, int]) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(nh, nw) crops of an image's high-resolution grid and the grid's unpadded window (row0, row1, col0, col1).
+
+    ``image_size`` is (height, width); ``config`` a LLaVA-NeXT config (its pinpoints and CLIP crop size).
+    """
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    nh, nw = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, vision.image_size)
+    return nh, nw, _unpadded_window(image_size, nh * side, nw * side)
+
+
+def next_image_info(config: Any, image_size: tuple[int, int]) -> ImageInfo:
+    """The placeholders (base view, then unpadded cells with one newline per row) of an image of ``image_size``.
+
+    A pure function of the config and the size: the HF adapter and the vLLM plugin both count an image with it.
+    """
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    nh, nw, (r0, r1, c0, c1) = anyres_layout(config, image_size)
+    rows, cols = r1 - r0, c1 - c0
+    base = side * side
+    return ImageInfo(
+        tokens=base + rows * (cols + 1),
+        grids=((side, side), (rows, cols)),
+        vit_tokens=(base + 1,) * (1 + nh * nw),
+        newlines=(False, True),
+    )
+
+
+def token_sources(side: int, nw: int, window: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat crop-token index and placeholder offset of every image token ([CLS], base patches, hi-res cells).
+
+    Crops are ``side x side`` patches behind one [CLS] each, the base view first, then the ``nw``-wide
+    high-resolution grid row-major; ``window`` is the grid's unpadded window.
+    """
+    width = side * side + 1
+    r0, r1, c0, c1 = window
+    rows = torch.arange(r0, r1)[:, None]
+    cols = torch.arange(c0, c1)[None, :]
+    crop = 1 + (rows // side) * nw + cols // side  # hi-res crops follow the base view, row-major
+    token = 1 + (rows % side) * side + cols % side  # +1 skips each crop's [CLS]
+    hires = (crop * width + token).flatten()
+    source = torch.cat([torch.arange(width), hires])  # base [CLS] and patches, then the cells
+    cells_w = c1 - c0
+    cell = torch.arange(hires.numel())
+    hires_offset = side * side + (cell // cells_w) * (cells_w + 1) + cell % cells_w
+    placeholder = torch.cat([torch.tensor([0]), torch.arange(side * side), hires_offset])
+    return source, placeholder
 
 
 class NextVisionTokens(VisionTokens):
@@ -145,7 +206,6 @@ class LlavaNextAdapter(ModelAdapter):
         layer = checked_feature_layer(cfg, "default")
         vision = cfg.vision_config
         self.side = vision.image_size // vision.patch_size
-        self.crop_pixels = vision.image_size
         layers = vision_encoder_layers(model.model.vision_tower)
         index = feature_index(layer, len(layers))
         self.feature_index = index
@@ -159,14 +219,7 @@ class LlavaNextAdapter(ModelAdapter):
         return ("pixel_values", "image_sizes")
 
     def _layout(self, image_size: tuple[int, int]) -> tuple[int, int, tuple[int, int, int, int]]:
-        """(nh, nw) crops of the high-resolution grid and its unpadded window."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-        nh, nw = get_anyres_image_grid_shape(
-            list(image_size), self.config.image_grid_pinpoints, self.crop_pixels
-        )
-        window = _unpadded_window(image_size, nh * self.side, nw * self.side)
-        return nh, nw, window
+        return anyres_layout(self.config, image_size)
 
     def image_infos(self, kwargs: dict) -> list[ImageInfo]:
         sizes = kwargs.get("image_sizes")
@@ -176,20 +229,7 @@ class LlavaNextAdapter(ModelAdapter):
             raise ValueError(
                 "image_sizes is missing: LLaVA-NeXT needs each image's size (the processor returns it)"
             )
-        infos = []
-        base = self.side * self.side
-        for size in torch.as_tensor(sizes).tolist():
-            nh, nw, (r0, r1, c0, c1) = self._layout(tuple(size))
-            rows, cols = r1 - r0, c1 - c0
-            infos.append(
-                ImageInfo(
-                    tokens=base + rows * (cols + 1),
-                    grids=((self.side, self.side), (rows, cols)),
-                    vit_tokens=(base + 1,) * (1 + nh * nw),
-                    newlines=(False, True),
-                )
-            )
-        return infos
+        return [next_image_info(self.config, tuple(size)) for size in torch.as_tensor(sizes).tolist()]
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
@@ -208,8 +248,8 @@ class LlavaNextAdapter(ModelAdapter):
         hidden = layer_output.split(counts)
         inputs = layer_input.split(counts)
         groups = []
-        for image, ((nh, nw, window), h, x) in enumerate(zip(layouts, hidden, inputs, strict=True)):
-            source, placeholder = self._token_sources(nh, nw, window)
+        for image, ((_, nw, window), h, x) in enumerate(zip(layouts, hidden, inputs, strict=True)):
+            source, placeholder = token_sources(self.side, nw, window)
             tokens = NextVisionTokens(
                 h,
                 x,
@@ -222,24 +262,6 @@ class LlavaNextAdapter(ModelAdapter):
             )
             groups.append(([image], tokens))
         return groups
-
-    def _token_sources(
-        self, nh: int, nw: int, window: tuple[int, int, int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat crop-token index and placeholder offset of every image token ([CLS], base patches, hi-res cells)."""
-        side, width = self.side, self.side * self.side + 1
-        r0, r1, c0, c1 = window
-        rows = torch.arange(r0, r1)[:, None]
-        cols = torch.arange(c0, c1)[None, :]
-        crop = 1 + (rows // side) * nw + cols // side  # hi-res crops follow the base view, row-major
-        token = 1 + (rows % side) * side + cols % side  # +1 skips each crop's [CLS]
-        hires = (crop * width + token).flatten()
-        source = torch.cat([torch.arange(width), hires])  # base [CLS] and patches, then the cells
-        cells_w = c1 - c0
-        cell = torch.arange(hires.numel())
-        hires_offset = side * side + (cell // cells_w) * (cells_w + 1) + cell % cells_w
-        placeholder = torch.cat([torch.tensor([0]), torch.arange(side * side), hires_offset])
-        return source, placeholder
 
     def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
         if selection is None:  # exactly what transformers packs: crops projected, unpadded, newlines appended
