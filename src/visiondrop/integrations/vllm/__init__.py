@@ -1,4 +1,4 @@
-"""vLLM out-of-tree plugin: visiondrop's vision-stage pruning inside vLLM (LLaVA-1.5 so far).
+"""vLLM out-of-tree plugin: visiondrop's vision-stage pruning inside vLLM (LLaVA-1.5, LLaVA-NeXT).
 
 vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point in every process it starts; the model
 class is registered by its ``"module:Class"`` path, so nothing here imports vLLM's model code until vLLM needs it.
@@ -12,7 +12,8 @@ from ...vllm import ARCHITECTURES
 __all__ = ["register"]
 
 _CLASSES = {
-    "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration"
+    "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration",
+    "VisionDropLlavaNextForConditionalGeneration": f"{__name__}.llava_next:VisionDropLlavaNextForConditionalGeneration",
 }
 
 

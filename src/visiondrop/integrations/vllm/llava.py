@@ -20,38 +20,22 @@ from vllm.model_executor.models.llava import (
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
-from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...methods.base import PruningMethod
 from ...models.llava import ClipVisionTokens
-from ...schedule import Stage
-from ...vllm import check_vision_only, method_from_config
+from ...tokens import ImageInfo
+from ...vllm import method_from_config
+from ._clip import clip_names, fused_qk, run_clip_tower, vision_stage
 
-__all__ = ["VisionDropLlavaForConditionalGeneration", "VisionDropLlavaProcessingInfo", "vision_stage"]
+__all__ = ["VisionDropLlavaForConditionalGeneration", "VisionDropLlavaProcessingInfo", "image_info"]
 
 
-def vision_stage(method: PruningMethod, config: Any, image_tokens: int) -> Stage:
-    """The vision stage ``method`` runs on an image of ``image_tokens`` patch tokens in this LLaVA model.
-
-    Raises ValueError (one line naming the value) for settings vLLM cannot honour: in-LLM stages, an out-of-range
-    budget, a feature layer list or a select strategy other than ``"default"``.
-    """
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer={layer!r}: the plugin supports one feature layer (an int)")
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError(
-            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: the plugin supports 'default'"
-        )
-    num_layers = config.text_config.num_hidden_layers
-    check_vision_only(method, num_layers)
-    schedule = method.schedule(image_tokens, num_layers)
-    if schedule.boundaries:
-        raise ValueError(
-            f"{method.name}: schedule {schedule.describe()} prunes inside the LLM, which vLLM cannot run"
-        )
-    return schedule.vision
+def image_info(config: Any) -> ImageInfo:
+    """Every LLaVA-1.5 image as the HF adapter describes it: one square grid of patches behind one [CLS]."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return ImageInfo(side * side, ((side, side),), (side * side + 1,))
 
 
 class VisionDropLlavaProcessingInfo(LlavaProcessingInfo):
@@ -62,8 +46,14 @@ class VisionDropLlavaProcessingInfo(LlavaProcessingInfo):
         return method_from_config(self.get_hf_config())
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        config = self.get_hf_config()
+        info = image_info(config)
         patches = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return vision_stage(self._method, self.get_hf_config(), patches).tokens
+        if patches != info.tokens:
+            raise ValueError(
+                f"vLLM counts {patches} image tokens, visiondrop {info.tokens}: unsupported config"
+            )
+        return vision_stage(self._method, config, info).tokens
 
 
 class _FusedQkvClipTokens(ClipVisionTokens):
@@ -71,12 +61,7 @@ class _FusedQkvClipTokens(ClipVisionTokens):
 
     @cached_property
     def _qk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self._layer.self_attn
-        normed = self._layer.layer_norm1(self._input)
-        qkv, _ = attn.qkv_proj(normed)
-        q, k, _ = qkv.chunk(3, dim=-1)
-        shape = (*normed.shape[:-1], attn.num_heads_per_partition, attn.head_dim)
-        return q.reshape(shape).transpose(1, 2), k.reshape(shape).transpose(1, 2)  # (I, H, n, d) each
+        return fused_qk(self._layer, self._input)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -89,23 +74,18 @@ class VisionDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     ``vision_tower.embeddings.*``); vLLM's CLIP module keeps it, so those names are mapped on load.
     """
 
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_prefix={
-            f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
-            for part in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")
-        }
-    )
+    hf_to_vllm_mapper = clip_names(LlavaForConditionalGeneration.hf_to_vllm_mapper)
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         method = method_from_config(config)  # fail before any weight is allocated
-        vision = config.vision_config
-        self.num_patches = (vision.image_size // vision.patch_size) ** 2
-        stage = vision_stage(method, config, self.num_patches)
+        info = image_info(config)
+        stage = vision_stage(method, config, info)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.method = method
         self.stage = stage
-        self.grid = (vision.image_size // vision.patch_size,) * 2
+        self.num_patches = info.tokens
+        self.grid = info.grids[0]
 
     def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if isinstance(image_input, LlavaImageEmbeddingInputs):
@@ -113,14 +93,8 @@ class VisionDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values = image_input["pixel_values"]
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
-        tower = self.vision_tower.vision_model
-        # vLLM builds the tower only up to the feature layer, so the last layer built is the scoring layer and its
-        # output the features (no post-norm, as in the HF path's hidden_states[feature layer]).
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
-        *before, scoring = tower.encoder.layers
-        for layer in before:
-            hidden = layer(hidden)
-        features = scoring(hidden)
+        hidden, features = run_clip_tower(self.vision_tower.vision_model, pixel_values)
+        scoring = self.vision_tower.vision_model.encoder.layers[-1]
         project = self.multi_modal_projector
         if self.stage.tokens == self.num_patches:
             return project(features[:, 1:])  # what stock LLaVA computes
