@@ -47,3 +47,11 @@ def test_cli_refuses_in_llm_method_with_one_line(capsys):
     assert cli.main(["serve-bench", "--method", "pyramiddrop", "--set", ""]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("visiondrop serve-bench: error:") and "pyramiddrop" in err and "\n" not in err
+
+
+def test_an_architecture_the_plugin_does_not_run_is_refused_before_any_engine(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["InternVLForConditionalGeneration"]}')
+    with pytest.raises(ValueError) as caught:
+        run_serve_bench(tmp_path, vd.build("visionzip", budget=64))
+    assert "architecture='InternVLForConditionalGeneration'" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import datetime
 import gc
+import json
 import logging
 import platform
 import shutil
@@ -177,7 +178,8 @@ def run_serve_bench(
     Parameters
     ----------
     model : path, optional
-        A LLaVA-1.5 checkpoint folder (default: the shipped pocket model).
+        A checkpoint folder whose ``architectures[0]`` the plugin runs (:data:`visiondrop.vllm.ARCHITECTURES`;
+        default: the shipped pocket model).
     method : PruningMethod
         A vision-stage method (``vd.build("visiondrop", budget=64, boundaries=())``, ``visionzip``, ...).
     n : int
@@ -207,10 +209,12 @@ def run_serve_bench(
         raise ValueError(f"n={n}: need at least one request")
     if not concurrency or any(c < 1 for c in concurrency):
         raise ValueError(f"concurrency={concurrency!r}: give positive ints")
-    overrides = hf_overrides(method)  # refuses in-LLM settings
+    hf_overrides(method)  # refuses in-LLM settings
     model_dir = Path(model) if model is not None else DEFAULT_MODEL_PATH
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model={str(model_dir)!r}: no config.json there")
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or [None]
+    overrides = hf_overrides(method, architectures[0])  # refuses an architecture the plugin does not run
     import torch
     import transformers
     import vllm
@@ -293,7 +297,10 @@ def add_parser(subparsers: Any) -> None:
             "prompt tokens and accuracy. Needs vLLM (bash scripts/setup.sh vllm)."
         ),
     )
-    parser.add_argument("--model", help="a LLaVA-1.5 checkpoint folder (default: the shipped pocket model)")
+    parser.add_argument(
+        "--model",
+        help="a checkpoint folder of an architecture the plugin runs (default: the shipped pocket model)",
+    )
     parser.add_argument("--method", default="visiondrop", help="a vision-stage method (default visiondrop)")
     parser.add_argument("--budget", default="64", help="visual tokens per image, or a fraction (default 64)")
     parser.add_argument("--budget-mode", default="average", choices=["average", "input"])

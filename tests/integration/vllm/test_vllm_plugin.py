@@ -342,3 +342,59 @@ def test_vllm_serve_equals_in_process(served, samples, hf):
     assert [first_word(r["choices"][0]["message"]["content"]) for r in replies] == [
         first_word(t) for t in texts
     ]
+
+
+def test_serve_bench_command(tmp_path, samples, hf):
+    """`visiondrop serve-bench` (the real command, vLLM's async engine with its engine core in another process) on 8
+    pocket requests at concurrency 1 and 4: both engines answer every request, the plugin's prompts are the kept
+    count, its answers are the in-process plugin's and stock's are transformers', at every concurrency."""
+    from visiondrop.testbed import first_word
+
+    n = 8
+    out = tmp_path / "serve_bench.json"
+    command = [
+        str(Path(sys.executable).with_name("visiondrop")),
+        "serve-bench",
+        "--n",
+        str(n),
+        "--concurrency",
+        "1,4",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    _, processor = hf
+    plugin_want = _plugin_results(SERVED, samples)[:n]
+    stock_want = _run_hf(hf, samples[:n])
+    words = {
+        "plugin": [
+            first_word(processor.tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in plugin_want
+        ],
+        "stock": [
+            first_word(processor.tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in stock_want
+        ],
+    }
+    tokens = {
+        "plugin": sum(count for _, count in plugin_want) / n,
+        "stock": sum(count for _, count in stock_want) / n,
+    }
+    assert result["settings"]["method"] == hf_overrides(SERVED)[CONFIG_KEY]
+    for engine in ("stock", "plugin"):
+        runs = result[engine]["runs"]
+        assert [run["concurrency"] for run in runs] == [1, 4]
+        for run in runs:
+            assert run["requests"] == n and run["requests_per_s"] > 0
+            assert 0 < run["ttft_p50_s"] <= run["ttft_p95_s"]
+            assert run["prompt_tokens_mean"] == pytest.approx(tokens[engine])
+            assert run["predictions"] == words[engine]
+            answers = [sample.answer for sample in samples[:n]]
+            assert (
+                run["accuracy"] == sum(p == a for p, a in zip(run["predictions"], answers, strict=True)) / n
+            )
+    assert tokens["plugin"] < tokens["stock"] - 400
