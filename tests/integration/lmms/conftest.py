@@ -75,7 +75,7 @@ def run_lmms(
 ) -> Callable[..., LmmsRun]:
     """``run_lmms(model_args, batch_size, limit, ranks=1)``: run lmms-eval once per distinct call.
 
-    ``model_args`` is appended to ``pretrained=<shipped testbed model>``; ``ranks > 1`` launches through
+    ``model_args`` is appended to ``pretrained=<shipped testbed model>`` (or ``pretrained``); ``ranks > 1`` launches through
     ``torchrun --standalone --nproc_per_node ranks`` (CPU: gloo). Results are cached for the session, so tests that
     compare the same runs share them.
     """
@@ -85,8 +85,10 @@ def run_lmms(
 
     cache: dict[tuple, LmmsRun] = {}
 
-    def run(model_args: str, batch_size: int, limit: int, ranks: int = 1) -> LmmsRun:
-        key = (model_args, batch_size, limit, ranks)
+    def run(
+        model_args: str, batch_size: int, limit: int, ranks: int = 1, pretrained: Path | None = None
+    ) -> LmmsRun:
+        key = (model_args, batch_size, limit, ranks, pretrained)
         if key in cache:
             return cache[key]
         output = tmp_path_factory.mktemp("lmms_out")
@@ -100,7 +102,7 @@ def run_lmms(
             "--model",
             "visiondrop",
             "--model_args",
-            f"pretrained={testbed_path},{model_args}",
+            f"pretrained={pretrained or testbed_path},{model_args}",
             "--include_path",
             str(TASKS_DIR),
             "--tasks",

@@ -139,3 +139,31 @@ def test_bad_model_args_stop_the_run_with_one_line(run_lmms, model_args, named):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("visiondrop (lmms-eval): ") and named in last, run.stderr[-2000:]
     assert not list(run.output.rglob("*_results.json"))
+
+
+def test_llava_next_checkpoint_equals_our_evaluation(run_lmms, tmp_path_factory):
+    """A LLaVA-NeXT checkpoint (the pocket model saved as LLaVA-NeXT, AnyRes crops) through the same lmms-eval model:
+    the class comes from its config, the prompt from its chat template; answers and kept counts equal our code path's
+    on the same samples, unpruned and at VisionDrop 64."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from visiondrop.testing import pocket_llava_next
+
+    checkpoint = pocket_llava_next(tmp_path_factory.mktemp("pocket_llava_next"))
+    torch.set_num_threads(2)
+    model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    samples = make_split("test", N_SAMPLES, seed=0)
+    unpruned = evaluate(model, processor, samples, batch_size=BATCH, progress=False)
+    with vd.build("visiondrop", budget=64).apply(model) as run:
+        pruned = evaluate(model, processor, samples, batch_size=BATCH, progress=False)
+    for model_args, ours in (("method=none", unpruned), (PRUNED, pruned)):
+        lmms = run_lmms(model_args, BATCH, N_SAMPLES, pretrained=checkpoint)
+        _ok(lmms)
+        assert _answers(lmms) == ours["predictions"]
+    logged = [s["token_counts"][0] for s in lmms.samples[-BATCH:]]
+    for mine, row in zip(run.report.samples, logged, strict=True):
+        assert mine.images[0].image_tokens == 1176  # base view + two crops, unpadded, with newlines
+        assert row["visual_tokens_input"] == mine.input_count < 1176
+        assert row["visual_tokens_final"] == mine.final_count
