@@ -52,8 +52,7 @@ from ..models.base import get_adapter
 from ..models.family import family_of
 from ..report import jsonable
 from . import common
-from .common import add_model_options, format_bytes, parse_budget, parse_settings
-from .costs import format_table
+from .common import add_model_options, format_bytes, format_table, parse_budget, parse_settings
 
 __all__ = [
     "BenchResult",

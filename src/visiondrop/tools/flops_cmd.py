@@ -38,8 +38,8 @@ from ..flops import DEFAULT_IMAGE_SIZE, ImageShape, image_shape
 from ..methods import build
 from ..report import jsonable
 from ..schedule import Schedule
-from .common import add_model_options
-from .costs import (
+from .common import (
+    add_model_options,
     dtype_bytes,
     format_bytes,
     format_table,
