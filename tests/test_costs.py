@@ -12,7 +12,7 @@ import pytest
 
 from visiondrop import flops as vf
 from visiondrop.models.llava_next import llava_next_image_tokens
-from visiondrop.tools import costs, flops_cmd
+from visiondrop.tools import common, flops_cmd
 
 SHIPPED = Path(vf.__file__).resolve().parent / "configs"
 
@@ -184,10 +184,10 @@ def test_unknown_method_field_is_a_type_error() -> None:
 
 
 def test_parsers() -> None:
-    assert costs.parse_budget("64") == 64 and isinstance(costs.parse_budget("64"), int)
-    assert costs.parse_budget("0.25") == 0.25
-    assert costs.parse_image_size("336X1008") == (336, 1008)
-    assert costs.parse_settings("layer=3,merge=mean,debias=true,ratio=0.5") == {
+    assert common.parse_budget("64") == 64 and isinstance(common.parse_budget("64"), int)
+    assert common.parse_budget("0.25") == 0.25
+    assert common.parse_image_size("336X1008") == (336, 1008)
+    assert common.parse_settings("layer=3,merge=mean,debias=true,ratio=0.5") == {
         "layer": 3,
         "merge": "mean",
         "debias": True,

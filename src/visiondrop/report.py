@@ -10,7 +10,7 @@ import torch
 
 from .ops import Selection
 
-__all__ = ["ImageReport", "Report", "SampleReport", "StageView", "selection_maps"]
+__all__ = ["ImageReport", "Report", "SampleReport", "StageView", "jsonable", "selection_maps"]
 
 
 @dataclass
@@ -202,7 +202,7 @@ class Report:
         """A JSON-serialisable dict (kept positions included)."""
         out = {
             "method": self.method,
-            "settings": {k: _jsonable(v) for k, v in self.settings.items()},
+            "settings": {k: jsonable(v) for k, v in self.settings.items()},
             "schedules": {str(k): v for k, v in self.schedules.items()},
             "num_layers": self.num_layers,
             "flops": self.flops,
@@ -283,11 +283,16 @@ def _bytes_text(count: float) -> str:
     return f"{int(count)} B"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A setting's value as JSON keeps it: None, strings, numbers and booleans as they are, lists and tuples as lists
+    (item by item), anything else as its ``str`` (a :class:`~visiondrop.schedule.Stage` as ``"vision: 12 (10+2)"``).
+
+    The one JSON helper of the package: the run report, ``visiondrop flops`` and ``visiondrop bench`` use it.
+    """
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return str(value)
 
 

@@ -1,16 +1,9 @@
 """One adapter per model family: where the vision tower, feature layer, decoder layers and placeholders are."""
 
-from . import (  # noqa: F401  (registers the adapters)
-    internvl,
-    llava,
-    llava_next,
-    llava_next_video,
-    llava_onevision,
-    qwen2_vl,
-    qwen3_vl,
-    video_llava,
-)
 from .base import ADAPTERS, ImageInfo, LLMTokens, ModelAdapter, TextStack, VisionTokens, get_adapter
+from .family import load_adapters
+
+load_adapters()  # every module of family.ADAPTER_MODULES: registers its adapter and its Family
 
 __all__ = ["ADAPTERS", "ImageInfo", "LLMTokens", "ModelAdapter", "TextStack", "VisionTokens", "get_adapter"]
 

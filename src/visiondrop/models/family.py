@@ -1,18 +1,41 @@
 """What a model family is, for the code that never hooks a model: FLOPs accounting, image shapes and the bench.
 
-Each adapter module (``models/llava.py``, ``models/llava_next.py``, ``models/qwen2_vl.py``) defines one
-:class:`Family` next to its adapter and registers it with :func:`register_family`; :mod:`visiondrop.flops`, the
-``visiondrop flops`` command and ``visiondrop bench`` find it by the config's ``model_type`` through
-:func:`family_of`, instead of testing family names themselves. This module imports neither torch nor transformers.
+Each adapter module (``models/llava.py``, ``models/llava_next.py``, ``models/qwen2_vl.py``, ...; the one list of them
+is :data:`ADAPTER_MODULES`) defines one :class:`Family` next to its adapter and registers it with
+:func:`register_family`; :mod:`visiondrop.flops`, the ``visiondrop flops`` command and ``visiondrop bench`` find it by
+the config's ``model_type`` through :func:`family_of`, instead of testing family names themselves. This module
+imports neither torch nor transformers (only :func:`load_adapters`, when called, imports the adapter modules).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BenchImage", "Family", "families", "family_of", "register_family"]
+__all__ = [
+    "ADAPTER_MODULES",
+    "BenchImage",
+    "Family",
+    "families",
+    "family_of",
+    "load_adapters",
+    "register_family",
+]
+
+#: The adapter modules of :mod:`visiondrop.models`: importing one registers its adapter and its :class:`Family`. The one
+#: list of them (``visiondrop.models`` imports them through :func:`load_adapters`); a new family's module goes here.
+ADAPTER_MODULES: tuple[str, ...] = (
+    "internvl",
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen3_vl",
+    "video_llava",
+)
 
 
 @dataclass(frozen=True)
@@ -99,23 +122,16 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def _load() -> None:
-    # The families are defined by the adapter modules: importing the package registers every one of them.
-    from . import (  # noqa: F401  (registers the adapters)
-        internvl,
-        llava,
-        llava_next,
-        llava_next_video,
-        llava_onevision,
-        qwen2_vl,
-        qwen3_vl,
-        video_llava,
-    )
+def load_adapters() -> None:
+    """Import every module of :data:`ADAPTER_MODULES`, which registers every adapter and family (once: Python imports
+    a module once)."""
+    for name in ADAPTER_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
 
 
 def families() -> dict[str, Family]:
     """Every registered family by ``model_type``."""
-    _load()
+    load_adapters()
     return dict(_FAMILIES)
 
 
@@ -127,7 +143,7 @@ def family_of(model_type: Any) -> Family:
     ValueError
         If no family handles ``model_type`` (the message lists the supported ones).
     """
-    _load()
+    load_adapters()
     if model_type not in _FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r}: expected one of {', '.join(_FAMILIES)}")
     return _FAMILIES[model_type]

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..tools.common import torch_dtype
 from . import DEFAULT_MODEL_PATH, evaluate, load_testbed
 from .scenes import QUESTION_TYPES, SPLITS, make_split
 
 __all__ = ["main"]
 
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The ``--dtype`` names this command takes (the table behind them is :data:`visiondrop.tools.common.DTYPES`).
+_DTYPE_CHOICES = ("bfloat16", "float32")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -30,14 +32,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="model folder")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=_DTYPE_CHOICES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="", help="also write the result (without predictions) here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    model, processor = load_testbed(dtype=_DTYPES[args.dtype], path=args.model)
+    model, processor = load_testbed(dtype=torch_dtype(args.dtype), path=args.model)
     samples = make_split(args.split, args.n, seed=args.seed)
     t0 = time.time()
     result = evaluate(model, processor, samples, batch_size=args.batch_size)

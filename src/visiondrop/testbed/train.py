@@ -978,118 +978,120 @@ def train_qa(model: LlavaForConditionalGeneration, processor: LlavaProcessor, cf
             layer_inputs.append((hidden, kwargs["position_embeddings"]))
 
         hook = supervised.register_forward_pre_hook(keep_input, with_kwargs=True)
-    image_slots = prefix == model.config.image_token_id
-    all_params = [p for g in groups for p in g["params"]]
-    model.train()
-    t0 = time.time()
-    logger.info("stage B: %d steps x %d scenes x <= 16 questions", cfg.stage_b_steps, cfg.stage_b_batch)
-    run_loss, run_ground = 0.0, 0.0
-    run_hits, run_counts = np.zeros(len(S.QUESTION_TYPES)), np.zeros(len(S.QUESTION_TYPES))
-    for step in range(cfg.stage_b_steps):
-        batch = next(data)
-        layer_inputs.clear()  # what validation calls left behind
-        with _autocast(cfg):
-            visible = min(1.0, step / cfg.mask_steps) if cfg.mask_steps > 0 else 1.0
-            prefix_mask = curriculum_prefix_mask(
-                prefix, model.config.image_token_id, batch["dense"], visible, mask_gen
-            )
-            logits, image_embeds = qa_logits(
-                model,
-                prefix,
-                batch["pixel_values"],
-                batch["suffix"],
-                batch["suffix_mask"],
-                vision_grad,
-                prefix_mask,
-            )
-            loss_qa = qa_loss(logits, batch["suffix"].flatten(0, 1), batch["target_mask"].flatten(0, 1))
-            loss_ground = torch.zeros(())
-            if cfg.grounding_weight > 0:
-                loss_ground = grounding_loss(model, processor, image_embeds, batch["dense"])
-            loss = loss_qa + cfg.grounding_weight * loss_ground
-            loss_attn = torch.zeros(())
-            if cfg.attn_weight > 0:
-                B, Q, L = batch["suffix"].shape
+    try:
+        image_slots = prefix == model.config.image_token_id
+        all_params = [p for g in groups for p in g["params"]]
+        model.train()
+        t0 = time.time()
+        logger.info("stage B: %d steps x %d scenes x <= 16 questions", cfg.stage_b_steps, cfg.stage_b_batch)
+        run_loss, run_ground = 0.0, 0.0
+        run_hits, run_counts = np.zeros(len(S.QUESTION_TYPES)), np.zeros(len(S.QUESTION_TYPES))
+        for step in range(cfg.stage_b_steps):
+            batch = next(data)
+            layer_inputs.clear()  # what validation calls left behind
+            with _autocast(cfg):
+                visible = min(1.0, step / cfg.mask_steps) if cfg.mask_steps > 0 else 1.0
+                prefix_mask = curriculum_prefix_mask(
+                    prefix, model.config.image_token_id, batch["dense"], visible, mask_gen
+                )
+                logits, image_embeds = qa_logits(
+                    model,
+                    prefix,
+                    batch["pixel_values"],
+                    batch["suffix"],
+                    batch["suffix_mask"],
+                    vision_grad,
+                    prefix_mask,
+                )
+                loss_qa = qa_loss(logits, batch["suffix"].flatten(0, 1), batch["target_mask"].flatten(0, 1))
+                loss_ground = torch.zeros(())
+                if cfg.grounding_weight > 0:
+                    loss_ground = grounding_loss(model, processor, image_embeds, batch["dense"])
+                loss = loss_qa + cfg.grounding_weight * loss_ground
+                loss_attn = torch.zeros(())
+                if cfg.attn_weight > 0:
+                    B, Q, L = batch["suffix"].shape
+                    tm = batch["target_mask"].flatten(0, 1)
+                    rows_pos = (tm.float().argmax(-1) - 1).clamp(min=0)
+                    pm = (
+                        prefix_mask
+                        if prefix_mask is not None
+                        else torch.ones(B, prefix.shape[0], dtype=torch.long)
+                    )
+                    key_mask = torch.cat(
+                        [
+                            pm.bool().repeat_interleave(Q, dim=0),
+                            (torch.arange(L)[None] <= rows_pos[:, None])
+                            & batch["suffix_mask"].flatten(0, 1).bool(),
+                        ],
+                        dim=1,
+                    )
+                    dense = batch["dense"]  # (B, 576, 4)
+                    ref = batch["ref"]  # (B, Q)
+                    on_object = (dense[:, None, :, 0] == ref[..., None]) & (ref[..., None] > 0)
+                    on_tag = (dense[:, None, :, 2] > 0) & (ref[..., None] == -1)
+                    target = torch.zeros(B, Q, prefix.shape[0], dtype=torch.bool)
+                    target[..., image_slots] = on_object | on_tag
+                    target = target.flatten(0, 1) & tm.any(-1, keepdim=True)
+                    loss_attn = attention_loss(
+                        supervised, layer_inputs[0], layer_inputs[-1], key_mask, rows_pos, target
+                    )
+                    loss = loss + cfg.attn_weight * loss_attn
+                layer_inputs.clear()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(all_params, cfg.clip)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                # answer-token accuracy per type (first target token of each real question)
                 tm = batch["target_mask"].flatten(0, 1)
-                rows_pos = (tm.float().argmax(-1) - 1).clamp(min=0)
-                pm = (
-                    prefix_mask
-                    if prefix_mask is not None
-                    else torch.ones(B, prefix.shape[0], dtype=torch.long)
+                valid = tm.any(-1)
+                first = tm.float().argmax(-1)
+                rows = torch.arange(tm.shape[0])
+                pred = logits[rows, (first - 1).clamp(min=0)].argmax(-1)
+                hit = pred == batch["suffix"].flatten(0, 1)[rows, first]
+                qtypes = batch["qtype"].flatten()
+                for t in range(len(S.QUESTION_TYPES)):
+                    sel = valid & (qtypes == t)
+                    run_hits[t] += float(hit[sel].sum())
+                    run_counts[t] += float(sel.sum())
+            run_loss += float(loss_qa.detach())
+            run_ground += float(loss_ground.detach()) + float(loss_attn.detach())
+            if step % 5 == 0:
+                _adapt_threads(cfg)
+            if (step + 1) % cfg.log_every == 0 or step == cfg.stage_b_steps - 1:
+                n = cfg.log_every if (step + 1) % cfg.log_every == 0 else (step + 1) % cfg.log_every
+                elapsed = time.time() - t0
+                logger.info(
+                    "B step %d/%d qa-loss %.4f aux %.4f train-acc %s | %.2f scenes/s, %.1f min",
+                    step + 1,
+                    cfg.stage_b_steps,
+                    run_loss / n,
+                    run_ground / n,
+                    " ".join(
+                        f"{t} {h / max(c, 1):.2f}"
+                        for t, h, c in zip(S.QUESTION_TYPES, run_hits, run_counts, strict=True)
+                    ),
+                    (step + 1) * cfg.stage_b_batch / elapsed,
+                    elapsed / 60,
                 )
-                key_mask = torch.cat(
-                    [
-                        pm.bool().repeat_interleave(Q, dim=0),
-                        (torch.arange(L)[None] <= rows_pos[:, None])
-                        & batch["suffix_mask"].flatten(0, 1).bool(),
-                    ],
-                    dim=1,
+                run_loss, run_ground = 0.0, 0.0
+                run_hits, run_counts = np.zeros(len(S.QUESTION_TYPES)), np.zeros(len(S.QUESTION_TYPES))
+            if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.stage_b_steps - 1):
+                acc = quick_eval(model, processor, "validation", cfg.eval_n, cfg.bf16)
+                logger.info(
+                    "B step %d validation (teacher-forced, n=%d): %s",
+                    step + 1,
+                    cfg.eval_n,
+                    " ".join(f"{k} {v:.3f}" for k, v in acc.items()),
                 )
-                dense = batch["dense"]  # (B, 576, 4)
-                ref = batch["ref"]  # (B, Q)
-                on_object = (dense[:, None, :, 0] == ref[..., None]) & (ref[..., None] > 0)
-                on_tag = (dense[:, None, :, 2] > 0) & (ref[..., None] == -1)
-                target = torch.zeros(B, Q, prefix.shape[0], dtype=torch.bool)
-                target[..., image_slots] = on_object | on_tag
-                target = target.flatten(0, 1) & tm.any(-1, keepdim=True)
-                loss_attn = attention_loss(
-                    supervised, layer_inputs[0], layer_inputs[-1], key_mask, rows_pos, target
-                )
-                loss = loss + cfg.attn_weight * loss_attn
-            layer_inputs.clear()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(all_params, cfg.clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            # answer-token accuracy per type (first target token of each real question)
-            tm = batch["target_mask"].flatten(0, 1)
-            valid = tm.any(-1)
-            first = tm.float().argmax(-1)
-            rows = torch.arange(tm.shape[0])
-            pred = logits[rows, (first - 1).clamp(min=0)].argmax(-1)
-            hit = pred == batch["suffix"].flatten(0, 1)[rows, first]
-            qtypes = batch["qtype"].flatten()
-            for t in range(len(S.QUESTION_TYPES)):
-                sel = valid & (qtypes == t)
-                run_hits[t] += float(hit[sel].sum())
-                run_counts[t] += float(sel.sum())
-        run_loss += float(loss_qa.detach())
-        run_ground += float(loss_ground.detach()) + float(loss_attn.detach())
-        if step % 5 == 0:
-            _adapt_threads(cfg)
-        if (step + 1) % cfg.log_every == 0 or step == cfg.stage_b_steps - 1:
-            n = cfg.log_every if (step + 1) % cfg.log_every == 0 else (step + 1) % cfg.log_every
-            elapsed = time.time() - t0
-            logger.info(
-                "B step %d/%d qa-loss %.4f aux %.4f train-acc %s | %.2f scenes/s, %.1f min",
-                step + 1,
-                cfg.stage_b_steps,
-                run_loss / n,
-                run_ground / n,
-                " ".join(
-                    f"{t} {h / max(c, 1):.2f}"
-                    for t, h, c in zip(S.QUESTION_TYPES, run_hits, run_counts, strict=True)
-                ),
-                (step + 1) * cfg.stage_b_batch / elapsed,
-                elapsed / 60,
-            )
-            run_loss, run_ground = 0.0, 0.0
-            run_hits, run_counts = np.zeros(len(S.QUESTION_TYPES)), np.zeros(len(S.QUESTION_TYPES))
-        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.stage_b_steps - 1):
-            acc = quick_eval(model, processor, "validation", cfg.eval_n, cfg.bf16)
-            logger.info(
-                "B step %d validation (teacher-forced, n=%d): %s",
-                step + 1,
-                cfg.eval_n,
-                " ".join(f"{k} {v:.3f}" for k, v in acc.items()),
-            )
-            # A loadable checkpoint at every validation, so a run can be stopped early and still used.
-            model.save_pretrained(Path(cfg.out) / "checkpoint", safe_serialization=True)
-            processor.save_pretrained(Path(cfg.out) / "checkpoint")
-    if hook is not None:
-        hook.remove()
+                # A loadable checkpoint at every validation, so a run can be stopped early and still used.
+                model.save_pretrained(Path(cfg.out) / "checkpoint", safe_serialization=True)
+                processor.save_pretrained(Path(cfg.out) / "checkpoint")
+    finally:
+        if hook is not None:
+            hook.remove()
     for p in vision_params:
         p.requires_grad_(True)
     logger.info("stage B done in %.1f min", (time.time() - t0) / 60)

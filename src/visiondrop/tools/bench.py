@@ -50,9 +50,9 @@ from ..compat import no_init_weights
 from ..methods import build, method_class
 from ..models.base import get_adapter
 from ..models.family import family_of
+from ..report import jsonable
 from . import common
-from .common import add_model_options, format_bytes, parse_budget, parse_settings
-from .costs import format_table
+from .common import add_model_options, format_bytes, format_table, parse_budget, parse_settings
 
 __all__ = [
     "BenchResult",
@@ -666,11 +666,6 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
-    """A field value as JSON keeps it (tuples as lists)."""
-    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
-
-
 def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{value * 1e3:.1f} ms"
 
@@ -892,7 +887,7 @@ def run_bench(
             budget=None if pruner is None else pruner.budget,
             budget_mode=None if pruner is None else pruner.budget_mode,
             positions=None if pruner is None else pruner.position_policy(adapter),
-            fields={} if pruner is None else {k: _jsonable(v) for k, v in fixed[name].items()},
+            fields={} if pruner is None else {k: jsonable(v) for k, v in fixed[name].items()},
             schedule=schedule.describe(),
             input_count=schedule.input_count,
             layer_average=schedule.layer_average,

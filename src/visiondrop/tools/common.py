@@ -1,5 +1,6 @@
-"""What every ``visiondrop`` command shares: one ``key=value`` parser, one dtype table, one byte formatter, one
-budget parser, output checks made before any model runs, one JSON writer, and :class:`CLIError`.
+"""What every ``visiondrop`` command shares, the one module of command-line helpers: one ``key=value`` parser, one
+dtype table, one budget parser, one image-size parser, one byte formatter, one table formatter, output checks made
+before any model runs, one JSON writer, and :class:`CLIError`.
 
 The ``key=value`` rules (``--set``, ``eval --methods name:key=value``), one set for every command:
 
@@ -19,6 +20,7 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ __all__ = [
     "check_output_file",
     "dtype_bytes",
     "format_bytes",
+    "format_table",
     "parse_budget",
+    "parse_image_size",
     "parse_settings",
     "parse_value",
     "torch_dtype",
@@ -106,6 +110,14 @@ def parse_budget(text: str | int | float, flag: str = "--budget") -> int | float
     return value
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"672x672"`` (height × width in pixels; ``x``, ``X`` or ``×``) -> ``(672, 672)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if match is None or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+        raise ValueError(f"--image-size {text!r}: give HEIGHTxWIDTH in pixels, e.g. 672x672")
+    return int(match.group(1)), int(match.group(2))
+
+
 def parse_value(text: str) -> Any:
     """One value by the module's rules: ``"true"`` -> True, ``"12"`` -> 12, ``"0.5"`` -> 0.5, ``""`` -> (),
     ``"8,16"`` / ``"8/16"`` -> (8, 16), ``"54/10,8/30"`` -> ((54, 10), (8, 30)), ``"none"`` -> None, else the string."""
@@ -163,6 +175,18 @@ def format_bytes(count: float) -> str:
         if abs(count) >= size:
             return f"{count / size:.1f} {unit}"
     return f"{int(count)} B"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table with padded columns (readable as plain text too)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ from typing import Any
 from .. import flops
 from ..flops import DEFAULT_IMAGE_SIZE, ImageShape, image_shape
 from ..methods import build
+from ..report import jsonable
 from ..schedule import Schedule
-from .common import add_model_options
-from .costs import (
-    _jsonable,
+from .common import (
+    add_model_options,
     dtype_bytes,
     format_bytes,
     format_table,
@@ -174,7 +174,7 @@ class CostReport:
             "method": self.method,
             "budget": self.settings.get("budget"),
             "budget_mode": self.settings.get("budget_mode"),
-            "settings": {k: _jsonable(v) for k, v in self.settings.items()},
+            "settings": {k: jsonable(v) for k, v in self.settings.items()},
             "text_tokens": self.text_tokens,
             "image_tokens": self.image.tokens,
             "vision_tokens": list(self.image.vit_tokens),

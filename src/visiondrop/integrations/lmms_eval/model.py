@@ -37,15 +37,6 @@ __all__ = ["RunStopped", "VisionDropChat", "VisionDropCounts", "VisionDropSimple
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 # Means that go into the results file (prefixed ``avg_`` by lmms-eval's summary).
 _MEAN_KEYS = (
     "visual_tokens_input",
@@ -184,10 +175,13 @@ class _VisionDropBase(lmms):
         from accelerate import Accelerator
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from ...tools.common import DTYPES, torch_dtype
+
         if not pretrained:
             raise ValueError("model_args pretrained=...: give an HF id or a local folder")
-        if str(dtype) not in _DTYPES:
-            raise ValueError(f"model_args dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
+        dtypes = ("auto", *DTYPES)  # the CLI's --dtype names, and transformers' "auto" (the default)
+        if str(dtype) not in dtypes:
+            raise ValueError(f"model_args dtype={dtype!r}: use one of {', '.join(dtypes)}")
         # lmms-eval's data parallelism: one process per device, started by `accelerate launch` or `torchrun`;
         # Accelerator reads RANK/WORLD_SIZE/LOCAL_RANK and sets up the process group (gloo without CUDA).
         self.accelerator = Accelerator()
@@ -205,7 +199,10 @@ class _VisionDropBase(lmms):
             else:
                 device_map = "auto" if cuda else "cpu"
         self._device_map = device_map
-        load_kwargs: dict[str, Any] = {"dtype": _DTYPES[str(dtype)], "device_map": device_map}
+        load_kwargs: dict[str, Any] = {
+            "dtype": "auto" if str(dtype) == "auto" else torch_dtype(str(dtype)),
+            "device_map": device_map,
+        }
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
         self._processor = AutoProcessor.from_pretrained(pretrained)
