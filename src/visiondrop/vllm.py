@@ -22,7 +22,11 @@ __all__ = ["ARCHITECTURES", "CONFIG_KEY", "check_vision_only", "hf_overrides", "
 #: Key of the method's settings in the model's (overridden) Hugging Face config.
 CONFIG_KEY = "visiondrop"
 #: The plugin's architecture for each supported stock architecture.
-ARCHITECTURES = {"LlavaForConditionalGeneration": "VisionDropLlavaForConditionalGeneration"}
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "VisionDropLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "VisionDropQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "VisionDropQwen2VLForConditionalGeneration",
+}
 # Layers assumed when checking a method before the model is known: any in-LLM boundary a method would place in a
 # real LLM it also places in one this deep.
 _ANY_DEPTH = 1 << 20
@@ -77,7 +81,8 @@ def hf_overrides(
     method : PruningMethod
         A vision-stage method (``vd.build("visiondrop", budget=64, boundaries=())``, ``visionzip``, ...).
     architecture : str
-        The model's stock architecture (LLaVA-1.5: ``LlavaForConditionalGeneration``, the only one so far).
+        The model's stock architecture, a key of :data:`ARCHITECTURES` (LLaVA-1.5: ``LlavaForConditionalGeneration``,
+        Qwen2.5-VL: ``Qwen2_5_VLForConditionalGeneration``, Qwen2-VL: ``Qwen2VLForConditionalGeneration``).
 
     Returns
     -------

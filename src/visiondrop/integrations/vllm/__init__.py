@@ -12,7 +12,9 @@ from ...vllm import ARCHITECTURES
 __all__ = ["register"]
 
 _CLASSES = {
-    "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration"
+    "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration",
+    "VisionDropQwen2_5_VLForConditionalGeneration": f"{__name__}.qwen2_vl:VisionDropQwen2_5_VLForConditionalGeneration",
+    "VisionDropQwen2VLForConditionalGeneration": f"{__name__}.qwen2_vl:VisionDropQwen2VLForConditionalGeneration",
 }
 
 
