@@ -39,7 +39,7 @@ ARCH = {"2.5": "Qwen2_5_VLForConditionalGeneration", "2": "Qwen2VLForConditional
 NEW_TOKENS = 4
 BUDGET = 16
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 128  # the processor's bounds: at most 128 tokens an image
-#: Image sizes (width, height): wide, tall and square, 20 to 99 tokens after the processor's resize.
+#: Image sizes (width, height): wide, tall and square, 20 to 108 units (tokens) after the processor's resize.
 SIZES = [
     (150, 100),
     (224, 224),
@@ -293,6 +293,33 @@ def test_chunked_prefill_keeps_positions(checkpoint, hf):
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
 
 
+def test_positions_are_checked(checkpoint, hf, monkeypatch):
+    """Control for the equality above: the same plugin with every kept unit left at its image's start position (the
+    (row, column) offsets dropped before ``forward``) keeps the counts but gives other greedy ids than the HF path."""
+    if checkpoint[0] != "2.5":
+        pytest.skip("one family is enough for the control")
+    from visiondrop.integrations.vllm import qwen2_vl as plugin
+
+    embed = plugin._PrunedQwen.embed_input_ids
+
+    def embed_without_offsets(self, *args, **kwargs):
+        out = embed(self, *args, **kwargs)
+        self._pending = None
+        return out
+
+    monkeypatch.setattr(plugin._PrunedQwen, "embed_input_ids", embed_without_offsets)
+    method = vd.build("visiondrop", budget=BUDGET, boundaries=())
+    llm = _engine(checkpoint[1], hf_overrides=hf_overrides(method, architecture=ARCH[checkpoint[0]]))
+    try:
+        got = _run_vllm(llm)
+    finally:
+        del llm
+        gc.collect()
+    want = _run_hf(hf, method)
+    assert [n for _, n in got] == [n for _, n in want]
+    assert sum(g != w for (g, _), (w, _) in zip(got, want, strict=True)) >= len(SAMPLES) // 2
+
+
 #: Every registered method that prunes before the LLM only (the registry decides, so a new one joins here).
 VISION_METHODS = [name for name in vd.available_methods() if vd.method_class(name).info.stages == "vision"]
 
@@ -301,11 +328,6 @@ VISION_METHODS = [name for name in vd.available_methods() if vd.method_class(nam
 def test_pre_llm_method_equals_hf_path(checkpoint, hf, name):
     """Each pre-LLM method at budget 16 runs inside vLLM with the HF path's prompt token counts and greedy ids;
     a [CLS]-ranked one is refused at engine start with the HF path's one line (Qwen's ViT has no [CLS])."""
-    if checkpoint[0] != "2.5":
-        pytest.skip(
-            "methods run on Qwen2.5-VL only (their selection code is shared; Qwen2-VL's ViT pass and scoring "
-            "are checked by test_plugin_equals_hf_path), to keep the file near 2 minutes"
-        )
     method = vd.build(name, budget=BUDGET)
     if method.requires_cls:
         with pytest.raises(Exception) as caught:
@@ -363,19 +385,27 @@ def test_bad_settings_fail_at_engine_start(checkpoint, settings, engine, named):
     assert named in str(error) and "\n" not in str(error)
 
 
-def test_image_smaller_than_budget_is_refused(checkpoint):
-    """An image with fewer tokens than the budget is refused per request, with the HF path's one line."""
+def test_requests_the_plugin_cannot_run_are_refused(checkpoint):
+    """An image with fewer units than the budget is refused per request with the HF path's one line; a video is
+    refused by vLLM (the plugin declares images only)."""
     if checkpoint[0] != "2.5":
         pytest.skip("one family is enough: the processing code is shared")
     version, path = checkpoint
-    llm = _engine(
-        path, hf_overrides=hf_overrides(vd.build("visiondrop", budget=BUDGET, boundaries=()), ARCH[version])
-    )
+    method = vd.build("visiondrop", budget=BUDGET, boundaries=())
+    llm = _engine(path, hf_overrides=hf_overrides(method, ARCH[version]))
     try:
         small = Image.new("RGB", (56, 84))  # 2 x 3 units
         with pytest.raises(ValueError, match=r"budget=16 is more than the 6 visual tokens") as caught:
             llm.generate({"prompt": f"{IMAGE} w5", "multi_modal_data": {"image": small}}, use_tqdm=False)
         assert "\n" not in str(caught.value)
+        frames = np.zeros((4, 112, 112, 3), dtype=np.uint8)
+        metadata = {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}
+        video = {
+            "prompt": "<|vision_start|><|video_pad|><|vision_end|> w5",
+            "multi_modal_data": {"video": (frames, metadata)},
+        }
+        with pytest.raises(Exception, match=r"At most 0 video"):
+            llm.generate(video, use_tqdm=False)
     finally:
         del llm
         gc.collect()
