@@ -193,6 +193,11 @@ class _PrunedQwen:
                 f"video_pruning_rate={rate}: vLLM's video pruning does not combine with the visiondrop plugin "
                 "(which accepts images only)"
             )
+        if not vllm_config.model_config.uses_mrope:
+            raise ValueError(
+                "the model config has no M-RoPE (rope_parameters without mrope_section): the visiondrop plugin "
+                "places kept tokens by their 3-D positions"
+            )
         visual = self.visual
         blocks = visual.blocks
         full = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: window attention elsewhere
