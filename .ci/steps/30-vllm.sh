@@ -10,6 +10,9 @@
 # a warm pip cache) + core tests 61 s + plugin tests 309 s (18 tests: 6 pre-LLM methods, visiondrop, keep-all and stock
 # in-process engines at ~8-20 s each, one `vllm serve` subprocess started in 80-120 s). On a quiet machine the
 # plugin tests take ~3.5 min, the whole step ~8-10 min.
+# With the Qwen2.5-VL / Qwen2-VL plugin tests (test_vllm_qwen.py: 35 tests on tiny checkpoints the test builds; 102 s
+# alone, each in-process engine ~4-6 s, +~13 s once per plugin class while vLLM caches its model info), measured
+# 2026-12-04 on the 2-core machine at load average 1-3: plugin tests 194 s (50 passed, 3 skipped).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS=0

@@ -25,6 +25,8 @@ CONFIG_KEY = "visiondrop"
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "VisionDropLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "VisionDropLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "VisionDropQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "VisionDropQwen2VLForConditionalGeneration",
 }
 # Layers assumed when checking a method before the model is known: any in-LLM boundary a method would place in a
 # real LLM it also places in one this deep.
@@ -80,8 +82,9 @@ def hf_overrides(
     method : PruningMethod
         A vision-stage method (``vd.build("visiondrop", budget=64, boundaries=())``, ``visionzip``, ...).
     architecture : str
-        The model's stock architecture (its config's ``architectures[0]``): a key of :data:`ARCHITECTURES`
-        (LLaVA-1.5: ``LlavaForConditionalGeneration``, LLaVA-NeXT: ``LlavaNextForConditionalGeneration``).
+        The model's stock architecture (its config's ``architectures[0]``), a key of :data:`ARCHITECTURES`
+        (LLaVA-1.5: ``LlavaForConditionalGeneration``, LLaVA-NeXT: ``LlavaNextForConditionalGeneration``, Qwen2.5-VL:
+        ``Qwen2_5_VLForConditionalGeneration``, Qwen2-VL: ``Qwen2VLForConditionalGeneration``).
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""vLLM out-of-tree plugin: visiondrop's vision-stage pruning inside vLLM (LLaVA-1.5, LLaVA-NeXT).
+"""vLLM out-of-tree plugin: visiondrop's vision-stage pruning inside vLLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
 
 vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point in every process it starts; the model
 class is registered by its ``"module:Class"`` path, so nothing here imports vLLM's model code until vLLM needs it.
@@ -14,6 +14,8 @@ __all__ = ["register"]
 _CLASSES = {
     "VisionDropLlavaForConditionalGeneration": f"{__name__}.llava:VisionDropLlavaForConditionalGeneration",
     "VisionDropLlavaNextForConditionalGeneration": f"{__name__}.llava_next:VisionDropLlavaNextForConditionalGeneration",
+    "VisionDropQwen2_5_VLForConditionalGeneration": f"{__name__}.qwen2_vl:VisionDropQwen2_5_VLForConditionalGeneration",
+    "VisionDropQwen2VLForConditionalGeneration": f"{__name__}.qwen2_vl:VisionDropQwen2VLForConditionalGeneration",
 }
 
 
