@@ -13,6 +13,9 @@
 # With the Qwen2.5-VL / Qwen2-VL plugin tests (test_vllm_qwen.py: 35 tests on tiny checkpoints the test builds; 102 s
 # alone, each in-process engine ~4-6 s, +~13 s once per plugin class while vLLM caches its model info), measured
 # 2026-12-04 on the 2-core machine at load average 1-3: plugin tests 194 s (50 passed, 3 skipped).
+# With LLaVA-NeXT (test_vllm_llava_next.py, 14 tests) and the serve-bench command test as well, from a fresh clone on
+# the quiet machine (bash .ci/run, 2026-12-05, warm pip cache): 562 s = setup 110 s + core and family tests at 5.19
+# 33 s (340 passed) + plugin tests 419 s (65 passed, 3 skipped; slowest: serve-bench 62 s, vllm serve 30 s to start).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS=0
