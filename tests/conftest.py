@@ -121,11 +121,19 @@ def next_batch(model, sizes=NEXT_SIZES, side: str = "left", seed: int = 1) -> di
 ONEVISION_SIZES = [(50, 100), (100, 100), (150, 120)]
 
 
-def onevision_batch(model, sizes=ONEVISION_SIZES, side: str = "left", seed: int = 1) -> dict:
-    """A ragged LLaVA-OneVision batch: one image; two images of other sizes; a prompt without an image."""
+def onevision_batch(
+    model, sizes=ONEVISION_SIZES, side: str = "left", seed: int = 1, several: bool = False
+) -> dict:
+    """A ragged LLaVA-OneVision batch: one image; two images of other sizes; a prompt without an image.
+
+    ``several``: as the processor sends it, with ``batch_num_images`` [1, 2, 0], so the second prompt's two images
+    get their base view only and one newline each (transformers' multi-image layout)."""
     from visiondrop.testing import llava_onevision_placeholders
 
     n = [llava_onevision_placeholders(model, s) for s in sizes]
+    if several:
+        vision = model.config.vision_config
+        n[1] = n[2] = (vision.image_size // vision.patch_size) ** 2 + 1
     rows = [
         [BOS, 5, *[IMAGE_TOKEN] * n[0], 7, 8],
         [BOS, 5, 6, *[IMAGE_TOKEN] * n[1], 3, *[IMAGE_TOKEN] * n[2], 9],
@@ -137,4 +145,6 @@ def onevision_batch(model, sizes=ONEVISION_SIZES, side: str = "left", seed: int 
         len(sizes), 10, 3, 56, 56, generator=gen
     )  # padded: base + 3 x 3 tiles
     batch["image_sizes"] = torch.tensor(sizes)
+    if several:
+        batch["batch_num_images"] = torch.tensor([1, 2, 0])
     return batch

@@ -162,6 +162,41 @@ def test_onevision_processor_batch_num_images_of_ones_changes_nothing(ov):
     assert torch.equal(plain, ones)
 
 
+def test_onevision_several_images_per_prompt(ov):
+    """``batch_num_images`` [1, 2, 0] (the processor's multi-image prompt): the second prompt's images are their base
+    view and one newline, as transformers packs them; nothing pruned is bit-identical; VisionDrop's cached decode
+    equals recomputation with exact counts per image (the newline is the image's tail, dropped when pruned)."""
+    batch = onevision_batch(ov, several=True)
+    infos = LlavaOnevisionAdapter(ov).image_infos(batch)
+    with torch.no_grad():
+        packed = ov.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"], batch_num_images=batch["batch_num_images"]
+        )
+    packed = packed.pooler_output if hasattr(packed, "pooler_output") else packed
+    assert [f.shape[0] for f in packed] == [i.tokens for i in infos] == [infos[0].tokens, 17, 17]
+    assert [i.tail for i in infos] == [0, 1, 1] and infos[1].grids == ((4, 4),)
+    before = model_state(ov)
+    with torch.no_grad():
+        reference = ov(**batch).logits
+        tokens = generate(ov, batch)
+        for method in (vd.build("none"), vd.VisionDrop(budget=1.0)):
+            with method.apply(ov):
+                assert torch.equal(ov(**batch).logits, reference)
+                assert torch.equal(generate(ov, batch), tokens)
+    for budget in (0.5, 6):
+        method = vd.VisionDrop(budget=budget)
+        with method.apply(ov) as run:
+            cached = generate(ov, batch, max_new_tokens=8)
+            full = generate(ov, batch, max_new_tokens=8, use_cache=False)
+        assert torch.equal(cached, full)
+        assert [len(s.images) for s in run.report.samples] == [1, 2, 0]
+        for im, info in zip(run.report.images, infos, strict=True):
+            assert im.image_tokens == info.tokens
+            assert im.counts() == method.schedule(info.tokens, LAYERS, info.grids).counts()
+            assert -1 not in im.stages[0].token_patch  # the pruned stage dropped the newline
+    assert model_state(ov) == before
+
+
 def test_onevision_kept_tokens_carry_their_own_features(ov):
     """Dominant-only vision stage: what the LLM receives for each kept token (captured at the language model's input)
     is what the unpruned model gives that token's placeholder — a downscaled cell's downscaled projected feature."""
@@ -263,8 +298,8 @@ def test_onevision_refusals(ov):
             "pixel_values_videos of shape (2, 3, 56, 56): LLaVA-OneVision takes (videos, frames, 3, H, W)",
         ),
         (
-            {"batch_num_images": torch.tensor([2, 1])},
-            "batch_num_images=[2, 1]: visiondrop supports one image",
+            {"batch_num_images": torch.tensor([2, 2])},
+            "batch_num_images=[2, 2] does not add up to 3 images",
         ),
         ({"vision_aspect_ratio": "anyres_max_1"}, "vision_aspect_ratio='anyres_max_1' differs"),
         ({"image_sizes": None}, "image_sizes is missing"),

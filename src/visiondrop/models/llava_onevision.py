@@ -24,8 +24,9 @@ The policy visiondrop applies (documented in the README), LLaVA-NeXT's with thes
 - **cost report**: for a downscaled image a pruned vision stage still projects every crop (its kept cells need their
   exact downscaled features), while ``run.report.flops`` counts the projector over the tokens the stage outputs, as on
   LLaVA-NeXT: it undercounts the projector there (for the 7B at 672 x 672 the whole projector is 0.2 % of the prefill).
-- Several images per prompt (``batch_num_images`` above 1, where transformers gives each image its base view
-  only) are refused with one line.
+- Several images per prompt (``batch_num_images`` above 1): transformers gives each such image its base view only
+  (no AnyRes crops) and one closing ``image_newline``; its tokens are the base view's patches, the newline is its
+  ``tail`` (kept when the image keeps everything, dropped when it is pruned, as a video's closing newline).
 
 Videos (``pixel_values_videos``, transformers 5.24 ``get_video_features``): every frame goes through SigLIP whole
 (no AnyRes), all its patches are projected and then bilinearly pooled (``apply_pooling``: ``side -> ceil(side / 2)``,
@@ -134,12 +135,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 f"pixel_values_videos of shape {tuple(getattr(videos, 'shape', ()))}: LLaVA-OneVision takes "
                 "(videos, frames, 3, H, W)"
             )
-        per_prompt = kwargs.get("batch_num_images")
-        if per_prompt is not None and any(int(n) > 1 for n in torch.as_tensor(per_prompt).flatten().tolist()):
-            raise ValueError(
-                f"batch_num_images={torch.as_tensor(per_prompt).tolist()}: visiondrop supports one image per prompt "
-                "on LLaVA-OneVision (several images get their base view only, a layout it does not prune)"
-            )
         for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
             value = kwargs.get(name)
             if value is not None and value != getattr(self.config, name):
@@ -224,7 +219,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
             )
         base = self.side * self.side
         infos = []
-        for size in torch.as_tensor(sizes).tolist():
+        for size, patched in zip(torch.as_tensor(sizes).tolist(), self._patched(kwargs), strict=True):
+            if not patched:  # one of several images in its prompt: the base view and one newline
+                infos.append(ImageInfo(base + 1, ((self.side, self.side),), (base,), tail=1))
+                continue
             (nh, nw), (*_, (rows, cols)) = self._layout(tuple(size))
             infos.append(
                 ImageInfo(
@@ -235,6 +233,19 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 )
             )
         return infos
+
+    def _patched(self, kwargs: dict) -> list[bool]:
+        """Per image, whether transformers cuts it into AnyRes crops: not when its prompt holds several images."""
+        count = len(torch.as_tensor(kwargs["image_sizes"]))
+        per_prompt = kwargs.get("batch_num_images")
+        if per_prompt is None:
+            return [True] * count
+        patched = [int(n) == 1 for n in torch.as_tensor(per_prompt).flatten().tolist() for _ in range(int(n))]
+        if len(patched) != count:
+            raise ValueError(
+                f"batch_num_images={torch.as_tensor(per_prompt).tolist()} does not add up to {count} images"
+            )
+        return patched
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
@@ -326,8 +337,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def _encode_images(self, kwargs: dict) -> list[tuple[list[int], VisionTokens]]:
         pixel_values = kwargs["pixel_values"]
         sizes = [tuple(s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
-        layouts = [self._layout(size) for size in sizes]
-        counts = [1 + nh * nw for (nh, nw), _ in layouts]
+        patched = self._patched(kwargs)
+        base_only = (0, 0), (0, 0, 0, 0, (0, 0))  # no high-resolution grid
+        layouts = [self._layout(size) if p else base_only for size, p in zip(sizes, patched, strict=True)]
+        counts = [1 + nh * nw if p else 1 for ((nh, nw), _), p in zip(layouts, patched, strict=True)]
         if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded with unused crops
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts, strict=True)])
         tower = self.model.model.vision_tower
@@ -365,7 +378,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 self._pack(scores[part, :, None], size)[None, :, 0],
                 self._pack(keys[part], size)[None],
                 self._placeholders(rows, cols).to(hidden.device),
-                ((self.side, self.side), (rows, cols)),
+                ((self.side, self.side), (rows, cols)) if rows else ((self.side, self.side),),
                 hidden,
                 lambda crops, size=size: self._pack(self._project(crops), size)[None],
                 size,
@@ -378,6 +391,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         """Placeholder offset of every token: the base view's patches, then each cell skipping the row newlines."""
         base = self.side * self.side
         cell = torch.arange(rows * cols)
+        if not cell.numel():  # a base view alone
+            return torch.arange(base)
         return torch.cat([torch.arange(base), base + (cell // cols) * (cols + 1) + cell % cols])
 
     def features(self, tokens: VisionTokens, selection: ops.Selection | None) -> torch.Tensor:
