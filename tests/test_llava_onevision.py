@@ -197,10 +197,12 @@ def test_onevision_several_images_per_prompt(ov):
     assert model_state(ov) == before
 
 
-def test_onevision_kept_tokens_carry_their_own_features(ov):
+@pytest.mark.parametrize("several", [False, True], ids=["one-per-prompt", "several-per-prompt"])
+def test_onevision_kept_tokens_carry_their_own_features(ov, several):
     """Dominant-only vision stage: what the LLM receives for each kept token (captured at the language model's input)
-    is what the unpruned model gives that token's placeholder — a downscaled cell's downscaled projected feature."""
-    batch = onevision_batch(ov)
+    is what the unpruned model gives that token's placeholder — a downscaled cell's downscaled projected feature; with
+    several images per prompt, a base-view patch's."""
+    batch = onevision_batch(ov, several=several)
     method = vd.VisionDrop(stages=[(12, 0)])
     with torch.no_grad():
         full, handles = _capture_llm(ov)
@@ -215,7 +217,7 @@ def test_onevision_kept_tokens_carry_their_own_features(ov):
         finally:
             [h.remove() for h in handles]
     image_rows = [0, 1, 1]
-    infos = _infos(ov)
+    infos = LlavaOnevisionAdapter(ov).image_infos(batch)
     for image, (im, info) in enumerate(zip(run.report.images, infos, strict=True)):
         assert im.counts() == [12]
         kept = im.stages[0].kept_patches()
