@@ -96,3 +96,15 @@ def test_eval_writes_the_documented_json(tmp_path, capsys):
         (m, b) for m in ("visiondrop", "fastv") for b in (192, 64)
     }
     assert "retention vs. unpruned" in table
+    # per-sample correctness for paired comparisons: it adds up to each accuracy
+    from visiondrop.tools.evaluation import paired_difference
+
+    rows = [r for r in results if "error" not in r]
+    for r in rows:
+        assert len(r["correct"]) == 12 and set(r["correct"]) <= {0, 1}
+        assert sum(r["correct"]) / 12 == pytest.approx(r["accuracy"])
+    base, pruned = rows[0], rows[-1]
+    diff, se = paired_difference(base, pruned)
+    assert diff == pytest.approx(pruned["accuracy"] - base["accuracy"])
+    assert paired_difference(base, base) == (0.0, 0.0)
+    assert se >= 0

@@ -17,7 +17,15 @@ from typing import Any
 from ..methods import build, method_class
 from .common import CLIError, parse_settings, parse_value
 
-__all__ = ["MethodSpec", "markdown_tables", "parse_method_spec", "parse_value", "run_eval", "standard_error"]
+__all__ = [
+    "MethodSpec",
+    "markdown_tables",
+    "paired_difference",
+    "parse_method_spec",
+    "parse_value",
+    "run_eval",
+    "standard_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +94,8 @@ def run_eval(
 
     rows: list[dict[str, Any]] = []
     base = evaluate(model, processor, samples, batch_size=batch_size, progress=progress)
-    rows.append(_row("none", None, None, base, None))
+    answers = [sample.answer for sample in samples]
+    rows.append(_row("none", None, None, base, None, answers))
     runs: list[MethodSpec] = []
     for policy in positions or [None]:
         for spec in specs:
@@ -107,7 +116,7 @@ def run_eval(
                     {"method": spec.label, "budget": budget, "budget_mode": budget_mode, "error": str(err)}
                 )
                 continue
-            rows.append(_row(spec.label, budget, budget_mode, result, run.report))
+            rows.append(_row(spec.label, budget, budget_mode, result, run.report, answers))
             rows[-1]["positions"] = method.positions
     for row in rows:
         if "accuracy" in row:
@@ -121,7 +130,26 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan
 
 
-def _row(label: str, budget: Any, mode: Any, result: dict, report: Any) -> dict[str, Any]:
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """Accuracy of row ``b`` minus row ``a`` on the same samples, and its paired standard error.
+
+    Both rows come from one :func:`run_eval` (their ``correct`` lists cover the same samples in order); the error is
+    ``sd(d) / sqrt(n)`` over the per-sample differences ``d = correct_b - correct_a``, smaller than the unpaired
+    ``sqrt(se_a² + se_b²)`` when the two runs mostly agree.
+    """
+    ca, cb = a.get("correct"), b.get("correct")
+    if ca is None or cb is None or len(ca) != len(cb) or not ca:
+        raise ValueError("paired_difference needs two rows of one run_eval with per-sample 'correct' lists")
+    n = len(ca)
+    d = [y - x for x, y in zip(ca, cb, strict=True)]
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else math.nan
+    return mean, math.sqrt(var / n)
+
+
+def _row(
+    label: str, budget: Any, mode: Any, result: dict, report: Any, answers: Sequence[str]
+) -> dict[str, Any]:
     row = {
         "method": label,
         "budget": budget,
@@ -129,6 +157,8 @@ def _row(label: str, budget: Any, mode: Any, result: dict, report: Any) -> dict[
         "accuracy": result["accuracy"],
         "n": result["n"],
         "per_type": result["per_type"],
+        # per sample, 1 when the first generated word is the answer: paired comparisons (paired_difference)
+        "correct": [int(p == a) for p, a in zip(result["predictions"], answers, strict=True)],
     }
     if report is not None and report.images:
         image = report.images[0]
