@@ -32,7 +32,7 @@ from .common import CLIError, parse_budget, parse_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_parser", "markdown_table", "percentile", "run_serve_bench"]
+__all__ = ["add_parser", "markdown_table", "percentile", "run_serve_bench", "stock_model_dir"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -44,8 +44,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _stock_model_dir(model: Path, workdir: Path) -> Path:
-    """``model``, or a copy whose CLIP weights carry the names stock vLLM 0.32 loads.
+def stock_model_dir(model: Path, workdir: Path) -> Path:
+    """``model``, or a copy (in ``workdir/stock``) whose CLIP weights carry the names stock vLLM 0.32 loads.
 
     transformers 5 saves LLaVA's CLIP tower as ``vision_tower.encoder.*``; stock vLLM wants
     ``vision_tower.vision_model.*`` (the plugin maps the names itself). The copy holds the same tensors.
@@ -256,7 +256,7 @@ def run_serve_bench(
         },
     }
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as workdir:
-        stock_dir = _stock_model_dir(model_dir, Path(workdir))
+        stock_dir = stock_model_dir(model_dir, Path(workdir))
         for tag, kwargs in (
             ("stock", {"model": str(stock_dir)}),
             ("plugin", {"model": str(model_dir), "hf_overrides": overrides}),

@@ -104,25 +104,17 @@ def _run_hf(hf, samples, method=None) -> list[tuple[list[int], int]]:
     return results
 
 
-def _stock_copy(checkpoint: str, folder) -> str:
-    """The checkpoint with its CLIP weights renamed to what stock vLLM 0.32 loads (``vision_model`` level)."""
-    import shutil
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(checkpoint, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
-    weights = load_file(Path(checkpoint) / "model.safetensors")
-    # transformers 5 saves the tower as vision_tower.* (no vision_model level)
-    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
-    save_file(renamed, Path(folder) / "model.safetensors", metadata={"format": "pt"})
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def stock(checkpoint, samples, tmp_path_factory):
     """Stock vLLM's results on the checkpoint (no plugin)."""
-    return _run_vllm(_stock_copy(checkpoint, tmp_path_factory.mktemp("stock")), samples)
+    from pathlib import Path
+
+    from visiondrop.tools.serve_bench import stock_model_dir
+
+    # stock vLLM 0.32 wants the CLIP tower under vision_tower.vision_model.*: a renamed copy of the same tensors
+    folder = stock_model_dir(Path(checkpoint), tmp_path_factory.mktemp("stock"))
+    assert folder != Path(checkpoint)
+    return _run_vllm(str(folder), samples)
 
 
 def test_sizes_cover_several_grids(hf, samples):

@@ -10,7 +10,6 @@ import gc
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -114,17 +113,12 @@ def _run_hf(hf, samples, method=None) -> list[tuple[list[int], int]]:
 
 def test_stock_vllm_equals_transformers(tmp_path_factory, samples, hf):
     """Stock vLLM (no plugin) on the shipped weights gives transformers' greedy ids."""
-    from safetensors.torch import load_file, save_file
+    from visiondrop.tools.serve_bench import stock_model_dir
 
     # Stock vLLM 0.32 wants CLIP weights under vision_tower.vision_model.* (transformers 5 saves vision_tower.*):
     # a renamed copy of the same tensors.
-    folder = tmp_path_factory.mktemp("stock_names")
-    shutil.copytree(
-        DEFAULT_MODEL_PATH, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors")
-    )
-    weights = load_file(DEFAULT_MODEL_PATH / "model.safetensors")
-    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
-    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = stock_model_dir(DEFAULT_MODEL_PATH, tmp_path_factory.mktemp("stock_names"))
+    assert folder != DEFAULT_MODEL_PATH
     llm = _engine(str(folder))
     try:
         got = _run_vllm(llm, samples)
